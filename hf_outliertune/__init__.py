@@ -1,0 +1,22 @@
+"""hf-outliertune: OutlierTune W8A8/W6A6 quantization as a Hugging Face transformers quantizer plugin.
+
+Importing the package registers the `hf_outliertune` quant method with transformers.
+"""
+
+from .api import quantize
+from .config import FORMAT_VERSION, QUANT_METHOD, OutlierTuneConfig
+from .modules import OutlierTuneLinear
+from .quantizer import OutlierTuneHfQuantizer, register
+
+register()
+
+__version__ = "0.1.0"
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "OutlierTuneConfig",
+    "OutlierTuneHfQuantizer",
+    "OutlierTuneLinear",
+    "quantize",
+    "register",
+]

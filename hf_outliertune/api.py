@@ -1,0 +1,30 @@
+"""`quantize(model, config)`: quantize an already-loaded float model in place (GGUF-loaded models, notebooks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from .config import OutlierTuneConfig
+from .quantizer import OutlierTuneHfQuantizer, apply_quantization
+
+
+def quantize(model: nn.Module, config: OutlierTuneConfig, tokenizer: Any = None) -> nn.Module:
+    """Calibrate and quantize `model` in place, leaving it exactly as `from_pretrained(..., quantization_config=)`
+    would: `save_pretrained` writes a pre-quantized checkpoint that reloads without calibration data."""
+    existing = getattr(model.config, "quantization_config", None)
+    if existing is not None:
+        raise ValueError(
+            f"The model already carries a quantization_config ({type(existing).__name__}). Rebuild it as a float "
+            "model first (from_config without that key, then load_state_dict); see hf_outliertune.models."
+        )
+    if tokenizer is not None:
+        config.tokenizer = tokenizer
+    apply_quantization(model, config)
+    quantizer = OutlierTuneHfQuantizer(config, pre_quantized=False)
+    model.config.quantization_config = config
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    return model

@@ -1,0 +1,63 @@
+"""On-disk format checks: a pre-quantized checkpoint must hold every tensor its config promises."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+
+_ST_DTYPES = {"I8": torch.int8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A pre-quantized checkpoint is incomplete, corrupt or does not match its config."""
+
+
+def expected_tensors(
+    module_formats: dict[str, dict], shapes: dict[str, tuple[int, int]]
+) -> dict[str, tuple[tuple[int, ...], set[torch.dtype]]]:
+    """Tensor name → (shape, allowed dtypes) for every quantized module of the config."""
+    floats = {torch.float32, torch.float16, torch.bfloat16}
+    out: dict[str, tuple[tuple[int, ...], set[torch.dtype]]] = {}
+    for name, fmt in module_formats.items():
+        n_out, n_in = shapes[name]
+        out[f"{name}.weight"] = ((n_out, n_in), {torch.int8})
+        out[f"{name}.weight_scale"] = ((n_out,), {torch.float32})
+        if fmt.get("bias"):
+            out[f"{name}.bias"] = ((n_out,), floats)
+        if fmt.get("offset"):
+            out[f"{name}.input_offset"] = ((n_in,), {torch.float32})
+    return out
+
+
+def verify_checkpoint(files: Iterable[str], expected: dict[str, tuple[tuple[int, ...], set[torch.dtype]]]) -> None:
+    """Read only the safetensors headers and check names, shapes and dtypes of the quantized tensors."""
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    files = list(files or [])
+    for path in files:
+        if not str(path).endswith(".safetensors"):
+            raise CheckpointError(f"{path} is not a safetensors file; hf-outliertune only reads safetensors.")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    found[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as err:  # safetensors raises several error types for damaged files
+            raise CheckpointError(f"{path} is not a readable safetensors file ({err}); re-download or re-save it.") from err
+    problems = []
+    for key, (shape, dtypes) in expected.items():
+        if key not in found:
+            problems.append(f"missing {key}")
+            continue
+        got_shape, got_dtype = found[key]
+        if got_shape != shape:
+            problems.append(f"{key} has shape {list(got_shape)}, expected {list(shape)}")
+        if _ST_DTYPES.get(got_dtype) not in dtypes:
+            problems.append(f"{key} has dtype {got_dtype}, expected one of {sorted(str(d) for d in dtypes)}")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(
+            f"The hf-outliertune checkpoint does not match its quantization config: {shown}. It is corrupt, "
+            "truncated or was modified; re-save it from the quantized model or quantize the base model again."
+        )

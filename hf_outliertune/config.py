@@ -1,0 +1,155 @@
+"""`OutlierTuneConfig`: the user-facing quantization config (a transformers `QuantizationConfigMixin`)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "hf_outliertune"
+FORMAT_VERSION = 1
+
+WEIGHT_BITS = (8, 6)
+ACT_BITS = (8, 6)
+ACTIVATION_SCHEMES = ("outliertune", "smoothquant", "per_token")
+WEIGHT_ALGORITHMS = ("absmax", "mse", "gptq")
+ACT_CLIPS = ("max", "mse")
+OTHER_LINEAR_MODES = ("per_token",)
+
+# Keys that describe the calibration run but are not JSON-safe (a tokenizer object, a list of texts).
+_RUNTIME_ONLY_KEYS = ("dataset", "tokenizer")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"OutlierTuneConfig.{name}={value!r} is invalid; allowed values: {list(allowed)}.")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"OutlierTuneConfig.{name}={value!r} is invalid; it must be an integer >= {minimum}.")
+
+
+class OutlierTuneConfig(QuantizationConfigMixin):
+    """Configuration of OutlierTune W8A8 / W6A6 quantization.
+
+    Args:
+        weight_bits: bits of the symmetric per-output-channel weight grid (8 or 6).
+        act_bits: bits of the activation grid (8 or 6).
+        symmetrize: shift each norm-fed channel by the midpoint of its calibrated range before quantizing.
+        activation_scheme: ``"outliertune"`` (static per-channel steps folded into norm and weights),
+            ``"smoothquant"`` (SmoothQuant migration, then dynamic per-token) or ``"per_token"``
+            (no migration, dynamic per-token everywhere); the last two exist as baselines.
+        smoothquant_alpha: migration strength of the ``"smoothquant"`` scheme.
+        act_clip: ``"max"`` (raw calibrated range) or ``"mse"`` (per-channel clipping search) for the
+            static activation steps.
+        weight_algorithm: ``"absmax"``, ``"mse"`` (searched clip per output channel) or ``"gptq"``.
+        gptq_damp: GPTQ Hessian damping as a fraction of the mean diagonal.
+        dataset: calibration texts (list of strings) or a path to a text file.
+        tokenizer: tokenizer object or a name/path `AutoTokenizer` can load; defaults to the model's.
+        num_samples: number of calibration sequences.
+        seq_len: tokens per calibration sequence.
+        calibration_batch_size: sequences per forward pass during calibration.
+        modules_to_not_convert: module names (or name suffixes) kept in floating point; the lm_head
+            and tied output embeddings are always kept.
+        module_formats: filled in after quantization: per quantized module, how its input is quantized.
+            Lets a saved checkpoint be rebuilt without calibration data.
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        act_bits: int = 8,
+        symmetrize: bool = True,
+        activation_scheme: str = "outliertune",
+        smoothquant_alpha: float = 0.5,
+        act_clip: str = "mse",
+        weight_algorithm: str = "gptq",
+        gptq_damp: float = 0.01,
+        dataset: list[str] | str | None = None,
+        tokenizer: Any = None,
+        num_samples: int = 64,
+        seq_len: int = 512,
+        calibration_batch_size: int = 8,
+        seed: int = 0,
+        modules_to_not_convert: list[str] | None = None,
+        module_formats: dict[str, dict[str, Any]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        calibration_summary: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.weight_bits = weight_bits
+        self.act_bits = act_bits
+        self.symmetrize = symmetrize
+        self.activation_scheme = activation_scheme
+        self.smoothquant_alpha = smoothquant_alpha
+        self.act_clip = act_clip
+        self.weight_algorithm = weight_algorithm
+        self.gptq_damp = gptq_damp
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.num_samples = num_samples
+        self.seq_len = seq_len
+        self.calibration_batch_size = calibration_batch_size
+        self.seed = seed
+        self.modules_to_not_convert = modules_to_not_convert
+        self.module_formats = module_formats
+        self.format_version = format_version
+        self.calibration_summary = calibration_summary
+        unknown = set(kwargs) - {"quant_method"}
+        if unknown:
+            raise ValueError(f"OutlierTuneConfig got unknown arguments {sorted(unknown)}; remove them.")
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; raise `ValueError` naming the field and the allowed values."""
+        _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
+        _check_choice("act_bits", self.act_bits, ACT_BITS)
+        _check_choice("symmetrize", self.symmetrize, (True, False))
+        _check_choice("activation_scheme", self.activation_scheme, ACTIVATION_SCHEMES)
+        _check_choice("act_clip", self.act_clip, ACT_CLIPS)
+        _check_choice("weight_algorithm", self.weight_algorithm, WEIGHT_ALGORITHMS)
+        if not isinstance(self.smoothquant_alpha, (int, float)) or not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError(
+                f"OutlierTuneConfig.smoothquant_alpha={self.smoothquant_alpha!r} is invalid; it must be in [0, 1]."
+            )
+        if not isinstance(self.gptq_damp, (int, float)) or not 0.0 < self.gptq_damp < 1.0:
+            raise ValueError(f"OutlierTuneConfig.gptq_damp={self.gptq_damp!r} is invalid; it must be in (0, 1).")
+        _check_int("num_samples", self.num_samples, 1)
+        _check_int("seq_len", self.seq_len, 2)
+        _check_int("calibration_batch_size", self.calibration_batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("format_version", self.format_version, 1)
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses hf-outliertune format version {self.format_version}, but the installed "
+                f"hf-outliertune reads versions up to {FORMAT_VERSION}. Upgrade it: pip install -U hf-outliertune."
+            )
+        if self.dataset is not None and not isinstance(self.dataset, (str, list, tuple)):
+            raise ValueError(
+                f"OutlierTuneConfig.dataset has type {type(self.dataset).__name__}; pass a list of strings or a "
+                "path to a text file."
+            )
+        if self.modules_to_not_convert is not None and not all(
+            isinstance(m, str) for m in self.modules_to_not_convert
+        ):
+            raise ValueError("OutlierTuneConfig.modules_to_not_convert must be a list of module names (strings).")
+
+    @property
+    def uses_static_activations(self) -> bool:
+        """True when norm-fed linears get static per-channel activation steps (the OutlierTune path)."""
+        return self.activation_scheme == "outliertune"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict; the calibration texts and tokenizer object are summarised, not stored."""
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY_KEYS}
+        out["dataset"] = self.dataset if isinstance(self.dataset, str) else None
+        out["tokenizer"] = self.tokenizer if isinstance(self.tokenizer, str) else None
+        return out
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self.to_dict().items() if k != "module_formats"}
+        n = len(self.module_formats or {})
+        return f"OutlierTuneConfig({shown}, module_formats=<{n} modules>)"

@@ -1,0 +1,210 @@
+"""Layer-by-layer calibration and quantization of a float model (the quantize-on-load path).
+
+For each decoder block, in order: the block's input comes from the already-quantized previous block;
+each stage of the block (a norm and its readers, or a linear with a non-norm input) is calibrated on
+what the block now computes, folded, quantized and swapped in; then the block's output is computed for
+the next block. Peak memory is one block's calibration state on top of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from . import quant_math as qm
+from .architectures import ArchSpec, NormGroup, decoder_layers, resolve_arch
+from .calibration import (
+    CalibrationError,
+    ChannelStats,
+    calibration_windows,
+    capture_block_inputs,
+    collect_stats,
+    load_texts,
+    run_block,
+)
+from .config import OutlierTuneConfig
+from .folding import fold_into_linear, fold_into_norm
+from .modules import OutlierTuneLinear
+
+MAX_CLIP_TOKENS = 8192
+
+
+class NoQuantizableLinearError(ValueError):
+    """Every linear of the model was excluded, so nothing would be quantized."""
+
+
+def quantize_model(model: nn.Module, config: OutlierTuneConfig, tokenizer: Any) -> dict[str, dict[str, Any]]:
+    """Calibrate and quantize `model` in place; return the per-module formats to store in the config."""
+    spec = resolve_arch(model)
+    layers = decoder_layers(model, spec)
+    layers_prefix = spec.layers_path
+    skip = list(config.modules_to_not_convert or [])
+    to_quantize = [
+        f"{layers_prefix}.{i}.{name}"
+        for i in range(len(layers))
+        for name in spec.all_linears
+        if should_convert_module(f"{layers_prefix}.{i}.{name}", skip)
+    ]
+    if not to_quantize:
+        raise NoQuantizableLinearError(
+            f"No linear layer is left to quantize (modules_to_not_convert={skip}); remove some exclusions."
+        )
+    input_ids = calibration_windows(
+        load_texts(config.dataset), tokenizer, config.num_samples, config.seq_len, config.seed
+    )
+    was_training = model.training
+    model.eval()
+    inputs = capture_block_inputs(model, layers, input_ids, config.calibration_batch_size)
+    sample_stride = max(1, math.ceil(input_ids.numel() / MAX_CLIP_TOKENS))
+    formats: dict[str, dict[str, Any]] = {}
+    for i, layer in enumerate(tqdm(layers, desc="OutlierTune: quantizing blocks")):
+        kwargs_i = inputs.layer_kwargs[i]
+        block_inputs = list(zip(inputs.hidden, kwargs_i))
+        for stage in spec.stages:
+            names = stage.linears if isinstance(stage, NormGroup) else stage
+            prefix = f"{layers_prefix}.{i}"
+            selected = {n for n in names if f"{prefix}.{n}" in to_quantize}
+            if isinstance(stage, NormGroup):
+                _quantize_norm_group(layer, stage, selected, block_inputs, config, spec, prefix, sample_stride, formats)
+            else:
+                for name in sorted(selected, key=names.index):
+                    _quantize_dynamic_linear(layer, name, block_inputs, config, prefix, formats)
+        with torch.no_grad():
+            inputs.hidden = [run_block(layer, h, kw) for h, kw in block_inputs]
+        _check_finite(inputs.hidden, f"the output of block {i}")
+    model.train(was_training)
+    return formats
+
+
+def _quantize_norm_group(
+    layer: nn.Module,
+    group: NormGroup,
+    selected: set[str],
+    block_inputs: list,
+    config: OutlierTuneConfig,
+    spec: ArchSpec,
+    prefix: str,
+    sample_stride: int,
+    formats: dict[str, dict[str, Any]],
+) -> None:
+    """Calibrate a norm's output, fold the per-channel step into the norm and its readers, quantize them."""
+    if not selected:
+        return
+    norm = layer.get_submodule(group.norm)
+    stats = ChannelStats(need_hessian=config.weight_algorithm == "gptq", sample_stride=sample_stride)
+    collect_stats(layer, norm, True, block_inputs, stats, f"{prefix}.{group.norm} (output)")
+    linears = {n: layer.get_submodule(n) for n in group.linears}
+
+    if config.activation_scheme == "per_token":
+        for name in selected:
+            _replace_with_quantized(layer, name, linears[name].weight.data.float(), stats, None, "dynamic", None, config, prefix, formats)
+        return
+
+    if config.activation_scheme == "smoothquant":
+        w_absmax = torch.stack([lin.weight.data.float().abs().amax(0) for lin in linears.values()]).amax(0)
+        step = qm.smoothquant_scales(stats.absmax, w_absmax, config.smoothquant_alpha)
+        shift = None
+    else:
+        shift = qm.channel_shift(stats.ch_min, stats.ch_max) if config.symmetrize else None
+        z = shift if shift is not None else torch.zeros_like(stats.ch_min)
+        centered_absmax = torch.maximum((stats.ch_max - z).abs(), (stats.ch_min - z).abs())
+        if config.act_clip == "mse":
+            step = qm.act_steps_mse(stats.sample_tensor() - z, centered_absmax, config.act_bits)
+        else:
+            step = qm.act_steps_max(centered_absmax, config.act_bits)
+
+    absorbed = fold_into_norm(layer.get_submodule(group.norm), step, shift, spec.norm_weight_offset)
+    act_mode = "static" if config.uses_static_activations else "dynamic"
+    offset = shift / step if (shift is not None and not absorbed) else None
+    for name, linear in linears.items():
+        quantized = name in selected
+        folded_w = fold_into_linear(linear, step, shift if (quantized or absorbed) else None)
+        if quantized:
+            _replace_with_quantized(layer, name, folded_w, stats, (shift, step), act_mode, offset, config, prefix, formats)
+
+
+def _quantize_dynamic_linear(
+    layer: nn.Module,
+    name: str,
+    block_inputs: list,
+    config: OutlierTuneConfig,
+    prefix: str,
+    formats: dict[str, dict[str, Any]],
+) -> None:
+    """Quantize a linear whose input is not a norm output: per-token dynamic activations."""
+    linear = layer.get_submodule(name)
+    stats = ChannelStats(need_hessian=config.weight_algorithm == "gptq", sample_stride=1 << 30)
+    collect_stats(layer, linear, False, block_inputs, stats, f"{prefix}.{name} (input)")
+    _replace_with_quantized(layer, name, linear.weight.data.float(), stats, None, "dynamic", None, config, prefix, formats)
+
+
+def _replace_with_quantized(
+    layer: nn.Module,
+    name: str,
+    weight: torch.Tensor,
+    stats: ChannelStats,
+    shift_step: tuple[torch.Tensor | None, torch.Tensor] | None,
+    act_mode: str,
+    offset: torch.Tensor | None,
+    config: OutlierTuneConfig,
+    prefix: str,
+    formats: dict[str, dict[str, Any]],
+) -> None:
+    """Quantize `weight` (already folded) per output channel and swap in an `OutlierTuneLinear`."""
+    linear = layer.get_submodule(name)
+    bits = config.weight_bits
+    if config.weight_algorithm == "absmax":
+        scale = qm.weight_scales_absmax(weight, bits)
+    else:
+        scale = qm.weight_scales_mse(weight, bits)
+    if config.weight_algorithm == "gptq":
+        codes = qm.gptq_quantize(weight, _hessian_of_folded_input(stats, shift_step), scale, bits, config.gptq_damp)
+    else:
+        codes = qm.quantize_weight(weight, scale, bits)
+    quantized = OutlierTuneLinear(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        act_mode=act_mode,
+        has_input_offset=offset is not None,
+        weight_bits=bits,
+        act_bits=config.act_bits,
+        dtype=linear.weight.dtype,
+        device=linear.weight.device,
+    )
+    with torch.no_grad():
+        quantized.weight.copy_(codes)
+        quantized.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            quantized.bias.copy_(linear.bias.data)
+        if offset is not None:
+            quantized.input_offset.copy_(offset)
+    layer.set_submodule(name, quantized)
+    formats[f"{prefix}.{name}"] = quantized.format
+
+
+def _hessian_of_folded_input(
+    stats: ChannelStats, shift_step: tuple[torch.Tensor | None, torch.Tensor] | None
+) -> torch.Tensor:
+    """Σ x̃ x̃ᵀ of the input the quantized layer actually sees: x̃ = (x - z) / Δ for folded layers."""
+    if shift_step is None:
+        return stats.xtx.float()
+    shift, step = shift_step
+    z = shift if shift is not None else torch.zeros_like(step)
+    h = qm.centered_second_moment(stats.xtx, stats.x_sum, stats.count, z)
+    inv = 1.0 / step.float()
+    return h * inv[:, None] * inv[None, :]
+
+
+def _check_finite(tensors: list[torch.Tensor], where: str) -> None:
+    for t in tensors:
+        if not torch.isfinite(t).all():
+            raise CalibrationError(
+                f"NaN/inf activations in {where} during calibration; load the model with dtype=torch.float32 "
+                "or check its weights."
+            )

@@ -1,0 +1,129 @@
+"""Thin glue: the transformers `HfQuantizer` for OutlierTune, and its idempotent registration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import AutoTokenizer
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from .calibration import CalibrationError, load_texts
+from .checkpoint import CheckpointError, expected_tensors, verify_checkpoint
+from .config import FORMAT_VERSION, QUANT_METHOD, OutlierTuneConfig
+from .modules import OutlierTuneLinear
+from .pipeline import quantize_model
+
+
+class OutlierTuneHfQuantizer(HfQuantizer):
+    """Quantize on load (calibration after the float weights are loaded) or load a pre-quantized checkpoint."""
+
+    requires_calibration = False
+
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            load_texts(self.quantization_config.dataset)  # fail before loading weights, not after
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("hf-outliertune does not support disk offload; use a device_map without 'disk'.")
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            return
+        formats = self.quantization_config.module_formats
+        if not formats:
+            raise CheckpointError(
+                "This checkpoint's quantization_config has no module_formats, so its quantized layers cannot be "
+                "rebuilt. It was not saved by hf-outliertune or its config.json was edited; re-save it."
+            )
+        shapes = replace_linears(model, formats, self.quantization_config)
+        verify_checkpoint(checkpoint_files, expected_tensors(formats, shapes))
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        return False  # weights load in float; calibration runs once they are all in place
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        if self.pre_quantized:
+            return
+        apply_quantization(model, self.quantization_config)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def replace_linears(
+    model: nn.Module, module_formats: dict[str, dict[str, Any]], config: OutlierTuneConfig
+) -> dict[str, tuple[int, int]]:
+    """Swap the named `nn.Linear`s for empty `OutlierTuneLinear`s; return their (out, in) shapes."""
+    shapes = {}
+    for name, fmt in module_formats.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(
+                f"The quantization config names {name!r}, which is not a linear layer of this "
+                f"{type(model).__name__}; the checkpoint does not match the model's architecture."
+            )
+        with torch.device(linear.weight.device):
+            new = OutlierTuneLinear(
+                linear.in_features,
+                linear.out_features,
+                bias=bool(fmt.get("bias")),
+                act_mode=fmt["act"],
+                has_input_offset=bool(fmt.get("offset")),
+                weight_bits=config.weight_bits,
+                act_bits=config.act_bits,
+                dtype=linear.weight.dtype,
+            )
+        model.set_submodule(name, new)
+        shapes[name] = (linear.out_features, linear.in_features)
+    return shapes
+
+
+def resolve_tokenizer(tokenizer: Any, model: nn.Module) -> Any:
+    """The calibration tokenizer: an object, a name/path, or the model's own."""
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        return tokenizer
+    source = tokenizer or getattr(model.config, "_name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as err:
+        raise CalibrationError(
+            f"Could not load a tokenizer from {source!r} ({err}); pass OutlierTuneConfig(tokenizer=...)."
+        ) from err
+
+
+def apply_quantization(model: nn.Module, config: OutlierTuneConfig) -> None:
+    """Run the calibration pipeline and record what a reload needs in `config`."""
+    tokenizer = resolve_tokenizer(config.tokenizer, model)
+    config.module_formats = quantize_model(model, config, tokenizer)
+    config.format_version = FORMAT_VERSION
+    config.calibration_summary = {
+        "num_samples": config.num_samples,
+        "seq_len": config.seq_len,
+        "tokens": config.num_samples * config.seq_len,
+    }
+
+
+def register() -> None:
+    """Register the config and quantizer with transformers; safe to call any number of times."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(OutlierTuneConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(OutlierTuneHfQuantizer)
