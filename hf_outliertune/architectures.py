@@ -7,7 +7,7 @@ clear error rather than quantized wrongly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn as nn
 
@@ -32,7 +32,10 @@ class ArchSpec:
     layers_path: str
     stages: tuple[NormGroup | tuple[str, ...], ...]
     norm_weight_offset: float = 0.0  # Gemma norms scale by (1 + weight)
-    norm_kind: str = "rms"  # "rms" or "layernorm"
+    # consumer linear -> producer linear whose output rows feed it linearly (V -> o_proj through the
+    # attention average, up -> down_proj through the gate product): a per-channel scale on the
+    # consumer's input can be folded exactly into the producer's rows.
+    producers: tuple[tuple[str, str], ...] = ()
 
     @property
     def norm_groups(self) -> tuple[NormGroup, ...]:
@@ -55,11 +58,13 @@ _LLAMA_LIKE = ArchSpec(
         NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.down_proj",),
     ),
+    producers=(("self_attn.o_proj", "self_attn.v_proj"), ("mlp.down_proj", "mlp.up_proj")),
 )
 _GEMMA = ArchSpec(
     layers_path="model.layers",
     stages=_LLAMA_LIKE.stages,
     norm_weight_offset=1.0,
+    producers=_LLAMA_LIKE.producers,
 )
 _GEMMA2_3 = ArchSpec(
     layers_path="model.layers",
@@ -70,6 +75,7 @@ _GEMMA2_3 = ArchSpec(
         ("mlp.down_proj",),
     ),
     norm_weight_offset=1.0,
+    producers=_LLAMA_LIKE.producers,
 )
 _OPT = ArchSpec(
     layers_path="model.decoder.layers",
@@ -79,7 +85,8 @@ _OPT = ArchSpec(
         NormGroup("final_layer_norm", ("fc1",)),
         ("fc2",),
     ),
-    norm_kind="layernorm",
+    # fc2 reads relu(fc1(x)); relu(x)/s = relu(x/s) for s > 0, so fc1's rows can absorb the scale
+    producers=(("self_attn.out_proj", "self_attn.v_proj"), ("fc2", "fc1")),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -108,6 +115,8 @@ def resolve_arch(model: nn.Module) -> ArchSpec:
             f"hf-outliertune does not support model_type={model_type!r}. Supported: {sorted(ARCHITECTURES)}. "
             "Quantizing an unknown layout could fold scales into the wrong modules, so it is refused."
         )
+    if model_type == "opt" and getattr(config, "activation_function", "relu") != "relu":
+        spec = replace(spec, producers=spec.producers[:1])
     if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
         raise UnsupportedArchitectureError(
             "OPT models with do_layer_norm_before=False (post-norm, e.g. opt-350m) are not supported: their "

@@ -42,6 +42,11 @@ class OutlierTuneConfig(QuantizationConfigMixin):
             ``"smoothquant"`` (SmoothQuant migration, then dynamic per-token) or ``"per_token"``
             (no migration, dynamic per-token everywhere); the last two exist as baselines.
         smoothquant_alpha: migration strength of the ``"smoothquant"`` scheme.
+        migration_alpha: SmoothQuant-style migration strength for the linears with per-token inputs
+            (o_proj, down_proj...): their input channels are divided by s_j = max|x_j|^α / max|W_j|^(1-α),
+            folded exactly into the producing linear's rows (v_proj, up_proj). ``None`` disables it.
+        rotate_dynamic: rotate the per-token-quantized inputs by a block-Hadamard transform at run time
+            (weights rotated offline), which spreads single-channel outliers over the block.
         act_clip: ``"max"`` (raw calibrated range) or ``"mse"`` (per-channel clipping search) for the
             static activation steps.
         weight_algorithm: ``"absmax"``, ``"mse"`` (searched clip per output channel) or ``"gptq"``.
@@ -64,7 +69,9 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         symmetrize: bool = True,
         activation_scheme: str = "outliertune",
         smoothquant_alpha: float = 0.5,
-        act_clip: str = "mse",
+        migration_alpha: float | None = 0.5,
+        rotate_dynamic: bool = True,
+        act_clip: str = "max",
         weight_algorithm: str = "gptq",
         gptq_damp: float = 0.01,
         dataset: list[str] | str | None = None,
@@ -85,6 +92,8 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         self.symmetrize = symmetrize
         self.activation_scheme = activation_scheme
         self.smoothquant_alpha = smoothquant_alpha
+        self.migration_alpha = migration_alpha
+        self.rotate_dynamic = rotate_dynamic
         self.act_clip = act_clip
         self.weight_algorithm = weight_algorithm
         self.gptq_damp = gptq_damp
@@ -108,12 +117,19 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
         _check_choice("act_bits", self.act_bits, ACT_BITS)
         _check_choice("symmetrize", self.symmetrize, (True, False))
+        _check_choice("rotate_dynamic", self.rotate_dynamic, (True, False))
         _check_choice("activation_scheme", self.activation_scheme, ACTIVATION_SCHEMES)
         _check_choice("act_clip", self.act_clip, ACT_CLIPS)
         _check_choice("weight_algorithm", self.weight_algorithm, WEIGHT_ALGORITHMS)
         if not isinstance(self.smoothquant_alpha, (int, float)) or not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ValueError(
                 f"OutlierTuneConfig.smoothquant_alpha={self.smoothquant_alpha!r} is invalid; it must be in [0, 1]."
+            )
+        if self.migration_alpha is not None and (
+            not isinstance(self.migration_alpha, (int, float)) or not 0.0 <= self.migration_alpha <= 1.0
+        ):
+            raise ValueError(
+                f"OutlierTuneConfig.migration_alpha={self.migration_alpha!r} is invalid; it must be in [0, 1] or None."
             )
         if not isinstance(self.gptq_damp, (int, float)) or not 0.0 < self.gptq_damp < 1.0:
             raise ValueError(f"OutlierTuneConfig.gptq_damp={self.gptq_damp!r} is invalid; it must be in (0, 1).")

@@ -52,3 +52,33 @@ def fold_into_linear(linear: nn.Linear, step: torch.Tensor, shift: torch.Tensor 
     folded = w * step.float()[None, :]
     linear.weight.data = folded.to(linear.weight.dtype)
     return folded
+
+
+def fold_into_producer(
+    producer: nn.Linear, consumer: nn.Linear, scale: torch.Tensor, n_rep: int, head_dim: int
+) -> None:
+    """Divide the producer's output rows by `scale` and multiply the consumer's input columns by it.
+
+    `scale` has one entry per producer output channel. With grouped-query attention each value
+    channel feeds `n_rep` query heads, so the consumer's columns use the scale repeated per head group.
+    """
+    s = scale.float()
+    producer.weight.data = (producer.weight.data.float() / s[:, None]).to(producer.weight.dtype)
+    if producer.bias is not None:
+        producer.bias.data = (producer.bias.data.float() / s).to(producer.bias.dtype)
+    expanded = expand_to_consumer(s, n_rep, head_dim)
+    consumer.weight.data = (consumer.weight.data.float() * expanded[None, :]).to(consumer.weight.dtype)
+
+
+def expand_to_consumer(per_producer: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """Map a per-producer-channel vector onto the consumer's input channels (GQA head repetition)."""
+    if n_rep == 1:
+        return per_producer
+    return per_producer.view(-1, 1, head_dim).expand(-1, n_rep, head_dim).reshape(-1)
+
+
+def reduce_to_producer(per_consumer: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """Max of a per-consumer-channel vector over the query heads that share each producer channel."""
+    if n_rep == 1:
+        return per_consumer
+    return per_consumer.view(-1, n_rep, head_dim).amax(dim=1).reshape(-1)

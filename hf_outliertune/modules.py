@@ -5,7 +5,8 @@ Two input modes:
   producing normalization (and into this layer's weight columns, W' = W·diag(Δ)). The runtime work is
   `round(x - offset)` and a clamp; `input_offset` (z/Δ) is present only where no norm bias could absorb
   the symmetrization shift (bias-free RMSNorm models).
-- ``dynamic``: per-token absmax quantization at run time (inputs not produced by a norm).
+- ``dynamic``: per-token absmax quantization at run time (inputs not produced by a norm), optionally after
+  a block-Hadamard rotation of the input (`hadamard_block` > 1; the weight columns are rotated offline).
 
 Parameters carry exactly the names, shapes and dtypes stored in checkpoints, so a pre-quantized model loads
 by direct assignment.
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from .kernels import int8_matmul
 from .quant_math import quantize_per_token, round_clamp
+from .rotation import rotate
 
 ACT_MODES = ("static", "dynamic")
 
@@ -34,6 +36,7 @@ class OutlierTuneLinear(nn.Module):
         has_input_offset: bool,
         weight_bits: int,
         act_bits: int,
+        hadamard_block: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -42,11 +45,14 @@ class OutlierTuneLinear(nn.Module):
             raise ValueError(f"act_mode={act_mode!r} is invalid; allowed values: {list(ACT_MODES)}.")
         if has_input_offset and act_mode != "static":
             raise ValueError("input_offset only exists for static activations.")
+        if hadamard_block > 1 and (act_mode != "dynamic" or in_features % hadamard_block):
+            raise ValueError(f"hadamard_block={hadamard_block} needs dynamic activations and divides in_features.")
         self.in_features = in_features
         self.out_features = out_features
         self.act_mode = act_mode
         self.weight_bits = weight_bits
         self.act_bits = act_bits
+        self.hadamard_block = hadamard_block
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
         )
@@ -58,11 +64,18 @@ class OutlierTuneLinear(nn.Module):
     @property
     def format(self) -> dict[str, object]:
         """What a checkpoint needs to rebuild this module (stored in the config's `module_formats`)."""
-        return {"act": self.act_mode, "offset": self.input_offset is not None, "bias": self.bias is not None}
+        return {
+            "act": self.act_mode,
+            "offset": self.input_offset is not None,
+            "bias": self.bias is not None,
+            "hadamard": self.hadamard_block,
+        }
 
     def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Activation codes `(tokens, in)` and, for dynamic mode, the per-token step."""
         if self.act_mode == "dynamic":
+            if self.hadamard_block > 1:
+                x2d = rotate(x2d, self.hadamard_block)
             return quantize_per_token(x2d, self.act_bits)
         xs = x2d.float()
         if self.input_offset is not None:
@@ -82,5 +95,6 @@ class OutlierTuneLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"W{self.weight_bits}A{self.act_bits}, act={self.act_mode}, offset={self.input_offset is not None}"
+            f"W{self.weight_bits}A{self.act_bits}, act={self.act_mode}, offset={self.input_offset is not None}, "
+            f"hadamard={self.hadamard_block}"
         )

@@ -28,8 +28,9 @@ from .calibration import (
     run_block,
 )
 from .config import OutlierTuneConfig
-from .folding import fold_into_linear, fold_into_norm
+from .folding import fold_into_linear, fold_into_norm, fold_into_producer, reduce_to_producer
 from .modules import OutlierTuneLinear
+from .rotation import hadamard_block_size, rotate, rotate_hessian
 
 MAX_CLIP_TOKENS = 8192
 
@@ -70,6 +71,7 @@ def quantize_model(model: nn.Module, config: OutlierTuneConfig, tokenizer: Any) 
             prefix = f"{layers_prefix}.{i}"
             selected = {n for n in names if f"{prefix}.{n}" in to_quantize}
             if isinstance(stage, NormGroup):
+                _migrate_consumers(layer, stage, spec, block_inputs, config, prefix, to_quantize)
                 _quantize_norm_group(layer, stage, selected, block_inputs, config, spec, prefix, sample_stride, formats)
             else:
                 for name in sorted(selected, key=names.index):
@@ -128,6 +130,36 @@ def _quantize_norm_group(
             _replace_with_quantized(layer, name, folded_w, stats, (shift, step), act_mode, offset, config, prefix, formats)
 
 
+def _migrate_consumers(
+    layer: nn.Module,
+    group: NormGroup,
+    spec: ArchSpec,
+    block_inputs: list,
+    config: OutlierTuneConfig,
+    prefix: str,
+    to_quantize: list[str],
+) -> None:
+    """Fold SmoothQuant-style scales of per-token-quantized consumers into this group's producers' rows.
+
+    Done before the group is quantized, because the producers' rows change.
+    """
+    if config.migration_alpha is None:
+        return
+    for consumer_name, producer_name in spec.producers:
+        if producer_name not in group.linears or f"{prefix}.{consumer_name}" not in to_quantize:
+            continue
+        consumer = layer.get_submodule(consumer_name)
+        producer = layer.get_submodule(producer_name)
+        stats = ChannelStats(need_hessian=False, sample_stride=1 << 30)
+        collect_stats(layer, consumer, False, block_inputs, stats, f"{prefix}.{consumer_name} (input)")
+        n_rep = consumer.in_features // producer.out_features
+        head_dim = getattr(layer.get_submodule(consumer_name.rsplit(".", 1)[0]), "head_dim", 1)
+        act = reduce_to_producer(stats.absmax, n_rep, head_dim)
+        wmax = reduce_to_producer(consumer.weight.data.float().abs().amax(0), n_rep, head_dim)
+        scale = qm.smoothquant_scales(act, wmax, config.migration_alpha)
+        fold_into_producer(producer, consumer, scale, n_rep, head_dim)
+
+
 def _quantize_dynamic_linear(
     layer: nn.Module,
     name: str,
@@ -140,7 +172,12 @@ def _quantize_dynamic_linear(
     linear = layer.get_submodule(name)
     stats = ChannelStats(need_hessian=config.weight_algorithm == "gptq", sample_stride=1 << 30)
     collect_stats(layer, linear, False, block_inputs, stats, f"{prefix}.{name} (input)")
-    _replace_with_quantized(layer, name, linear.weight.data.float(), stats, None, "dynamic", None, config, prefix, formats)
+    block = hadamard_block_size(linear.in_features) if config.rotate_dynamic else 1
+    weight = linear.weight.data.float()
+    if block > 1:
+        weight = rotate(weight, block)  # W·H: the layer sees x·H at run time
+        stats.xtx = rotate_hessian(stats.xtx, block) if stats.xtx is not None else None
+    _replace_with_quantized(layer, name, weight, stats, None, "dynamic", None, config, prefix, formats, block)
 
 
 def _replace_with_quantized(
@@ -154,8 +191,9 @@ def _replace_with_quantized(
     config: OutlierTuneConfig,
     prefix: str,
     formats: dict[str, dict[str, Any]],
+    hadamard_block: int = 1,
 ) -> None:
-    """Quantize `weight` (already folded) per output channel and swap in an `OutlierTuneLinear`."""
+    """Quantize `weight` (already folded/rotated) per output channel and swap in an `OutlierTuneLinear`."""
     linear = layer.get_submodule(name)
     bits = config.weight_bits
     if config.weight_algorithm == "absmax":
@@ -174,6 +212,7 @@ def _replace_with_quantized(
         has_input_offset=offset is not None,
         weight_bits=bits,
         act_bits=config.act_bits,
+        hadamard_block=hadamard_block,
         dtype=linear.weight.dtype,
         device=linear.weight.device,
     )

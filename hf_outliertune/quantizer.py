@@ -89,6 +89,7 @@ def replace_linears(
                 has_input_offset=bool(fmt.get("offset")),
                 weight_bits=config.weight_bits,
                 act_bits=config.act_bits,
+                hadamard_block=int(fmt.get("hadamard", 1)),
                 dtype=linear.weight.dtype,
             )
         model.set_submodule(name, new)
