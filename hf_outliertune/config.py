@@ -15,7 +15,7 @@ ACT_BITS = (8, 6)
 ACTIVATION_SCHEMES = ("outliertune", "smoothquant", "per_token")
 WEIGHT_ALGORITHMS = ("absmax", "mse", "gptq")
 ACT_CLIPS = ("max", "mse")
-OTHER_LINEAR_MODES = ("per_token",)
+NON_NORM_ACTIVATIONS = ("per_token", "static")
 
 # Keys that describe the calibration run but are not JSON-safe (a tokenizer object, a list of texts).
 _RUNTIME_ONLY_KEYS = ("dataset", "tokenizer")
@@ -45,6 +45,9 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         migration_alpha: SmoothQuant-style migration strength for the linears with per-token inputs
             (o_proj, down_proj...): their input channels are divided by s_j = max|x_j|^α / max|W_j|^(1-α),
             folded exactly into the producing linear's rows (v_proj, up_proj). ``None`` disables it.
+        non_norm_activations: how linears whose input is not a norm output (o_proj, down_proj...) quantize
+            it: ``"per_token"`` (dynamic, default) or ``"static"`` (per-channel steps folded into the
+            producing linear's rows, round+clamp at run time; measured much less accurate).
         rotate_dynamic: rotate the per-token-quantized inputs by a block-Hadamard transform at run time
             (weights rotated offline), which spreads single-channel outliers over the block.
         act_clip: ``"max"`` (raw calibrated range) or ``"mse"`` (per-channel clipping search) for the
@@ -70,6 +73,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         activation_scheme: str = "outliertune",
         smoothquant_alpha: float = 0.5,
         migration_alpha: float | None = 0.5,
+        non_norm_activations: str = "per_token",
         rotate_dynamic: bool = True,
         act_clip: str = "max",
         weight_algorithm: str = "gptq",
@@ -93,6 +97,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         self.activation_scheme = activation_scheme
         self.smoothquant_alpha = smoothquant_alpha
         self.migration_alpha = migration_alpha
+        self.non_norm_activations = non_norm_activations
         self.rotate_dynamic = rotate_dynamic
         self.act_clip = act_clip
         self.weight_algorithm = weight_algorithm
@@ -118,6 +123,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         _check_choice("act_bits", self.act_bits, ACT_BITS)
         _check_choice("symmetrize", self.symmetrize, (True, False))
         _check_choice("rotate_dynamic", self.rotate_dynamic, (True, False))
+        _check_choice("non_norm_activations", self.non_norm_activations, NON_NORM_ACTIVATIONS)
         _check_choice("activation_scheme", self.activation_scheme, ACTIVATION_SCHEMES)
         _check_choice("act_clip", self.act_clip, ACT_CLIPS)
         _check_choice("weight_algorithm", self.weight_algorithm, WEIGHT_ALGORITHMS)

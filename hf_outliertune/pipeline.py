@@ -75,7 +75,8 @@ def quantize_model(model: nn.Module, config: OutlierTuneConfig, tokenizer: Any) 
                 _quantize_norm_group(layer, stage, selected, block_inputs, config, spec, prefix, sample_stride, formats)
             else:
                 for name in sorted(selected, key=names.index):
-                    _quantize_dynamic_linear(layer, name, block_inputs, config, prefix, formats)
+                    static = config.non_norm_activations == "static" and name in dict(spec.producers)
+                    _quantize_non_norm_linear(layer, name, static, block_inputs, config, prefix, formats)
         with torch.no_grad():
             inputs.hidden = [run_block(layer, h, kw) for h, kw in block_inputs]
         _check_finite(inputs.hidden, f"the output of block {i}")
@@ -139,11 +140,13 @@ def _migrate_consumers(
     prefix: str,
     to_quantize: list[str],
 ) -> None:
-    """Fold SmoothQuant-style scales of per-token-quantized consumers into this group's producers' rows.
+    """Fold per-channel factors of this group's consumers (o_proj, down_proj...) into the producers' rows.
 
-    Done before the group is quantized, because the producers' rows change.
+    With per-token consumers the factor is a SmoothQuant-style migration; with static consumers it is
+    the activation step Δ itself. Done before the group is quantized, because the producers' rows change.
     """
-    if config.migration_alpha is None:
+    static = config.non_norm_activations == "static"
+    if config.migration_alpha is None and not static:
         return
     for consumer_name, producer_name in spec.producers:
         if producer_name not in group.linears or f"{prefix}.{consumer_name}" not in to_quantize:
@@ -155,23 +158,31 @@ def _migrate_consumers(
         n_rep = consumer.in_features // producer.out_features
         head_dim = getattr(layer.get_submodule(consumer_name.rsplit(".", 1)[0]), "head_dim", 1)
         act = reduce_to_producer(stats.absmax, n_rep, head_dim)
-        wmax = reduce_to_producer(consumer.weight.data.float().abs().amax(0), n_rep, head_dim)
-        scale = qm.smoothquant_scales(act, wmax, config.migration_alpha)
+        if static:
+            scale = qm.act_steps_max(act, config.act_bits)
+        else:
+            wmax = reduce_to_producer(consumer.weight.data.float().abs().amax(0), n_rep, head_dim)
+            scale = qm.smoothquant_scales(act, wmax, config.migration_alpha)
         fold_into_producer(producer, consumer, scale, n_rep, head_dim)
 
 
-def _quantize_dynamic_linear(
+def _quantize_non_norm_linear(
     layer: nn.Module,
     name: str,
+    static: bool,
     block_inputs: list,
     config: OutlierTuneConfig,
     prefix: str,
     formats: dict[str, dict[str, Any]],
 ) -> None:
-    """Quantize a linear whose input is not a norm output: per-token dynamic activations."""
+    """Quantize a linear whose input is not a norm output: per-token dynamic activations (optionally
+    rotated), or static ones when its step was folded into its producer by `_migrate_consumers`."""
     linear = layer.get_submodule(name)
     stats = ChannelStats(need_hessian=config.weight_algorithm == "gptq", sample_stride=1 << 30)
     collect_stats(layer, linear, False, block_inputs, stats, f"{prefix}.{name} (input)")
+    if static:
+        _replace_with_quantized(layer, name, linear.weight.data.float(), stats, None, "static", None, config, prefix, formats)
+        return
     block = hadamard_block_size(linear.in_features) if config.rotate_dynamic else 1
     weight = linear.weight.data.float()
     if block > 1:
