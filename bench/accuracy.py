@@ -24,14 +24,21 @@ import hf_outliertune
 from hf_outliertune.evaluation import perplexity
 from hf_outliertune.models import DEFAULT_MODEL_NAME, load_float_model
 
+# Baselines keep this package's weight quantizer (GPTQ on quantized inputs), so rows differ only in how
+# activations are handled; "plain" rows switch off the o_proj/down_proj migration and rotation.
+_PLAIN = dict(migration_alpha=None, rotate_dynamic=False)
 SETTINGS: dict[str, dict[str, Any]] = {
     "W8A8 OutlierTune": dict(weight_bits=8, act_bits=8),
-    "W8A8 per-token (no folding)": dict(weight_bits=8, act_bits=8, activation_scheme="per_token"),
-    "W8A8 SmoothQuant a=0.5": dict(weight_bits=8, act_bits=8, activation_scheme="smoothquant"),
+    "W8A8 OutlierTune, static o/down_proj inputs": dict(weight_bits=8, act_bits=8, non_norm_activations="static"),
+    "W8A8 per-token (no folding)": dict(weight_bits=8, act_bits=8, activation_scheme="per_token", **_PLAIN),
+    "W8A8 SmoothQuant a=0.5": dict(weight_bits=8, act_bits=8, activation_scheme="smoothquant", **_PLAIN),
     "W6A6 OutlierTune": dict(weight_bits=6, act_bits=6),
     "W6A6 OutlierTune, no symmetrization": dict(weight_bits=6, act_bits=6, symmetrize=False),
-    "W6A6 per-token (no folding)": dict(weight_bits=6, act_bits=6, activation_scheme="per_token"),
-    "W6A6 SmoothQuant a=0.5": dict(weight_bits=6, act_bits=6, activation_scheme="smoothquant"),
+    "W6A6 OutlierTune, plain (absmax W, no migration/rotation)": dict(
+        weight_bits=6, act_bits=6, weight_algorithm="absmax", **_PLAIN
+    ),
+    "W6A6 per-token (no folding)": dict(weight_bits=6, act_bits=6, activation_scheme="per_token", **_PLAIN),
+    "W6A6 SmoothQuant a=0.5": dict(weight_bits=6, act_bits=6, activation_scheme="smoothquant", **_PLAIN),
 }
 
 
@@ -44,6 +51,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--json", default="accuracy.json")
+    parser.add_argument("--device", default="cpu", help="cpu (the reference integer path) or cuda")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -53,6 +61,7 @@ def main() -> None:
     }
     calib = _read(args.data, "wikitext-2-raw/wiki.valid.raw")
     model, tokenizer = load_float_model(args.model)
+    model = model.to(args.device)
     rows = [_row("FP32", model, tokenizer, texts, args.max_windows, {}, 0.0)]
     _print_table(rows)
     for name in args.settings:
@@ -68,6 +77,7 @@ def main() -> None:
     report = {
         "model": args.model or DEFAULT_MODEL_NAME,
         "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "calibration": f"WikiText-2 validation, {args.num_samples} x {args.seq_len} tokens",
         "eval": f"first {args.max_windows} windows of 512 tokens of each test split, no BOS",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -152,12 +152,30 @@ class ChannelStats:
         return torch.cat(self.samples)
 
 
+class PairMoments:
+    """Σ x qᵀ and Σ q qᵀ of an input x and its quantized version q = `quantizer(x)`."""
+
+    def __init__(self, quantizer: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.quantizer = quantizer
+        self.cross: torch.Tensor | None = None
+        self.hessian: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, where: str) -> None:
+        target, q = self.quantizer(x.detach().reshape(-1, x.shape[-1]).float())
+        if self.cross is None:
+            k = q.shape[1]
+            self.cross = torch.zeros(k, k, device=q.device, dtype=torch.float64)
+            self.hessian = torch.zeros(k, k, device=q.device, dtype=torch.float64)
+        self.cross += (target.t() @ q).double()
+        self.hessian += (q.t() @ q).double()
+
+
 def collect_stats(
     layer: nn.Module,
     watched: nn.Module,
     watch_output: bool,
     inputs: Iterable[tuple[torch.Tensor, dict[str, Any]]],
-    stats: ChannelStats,
+    stats: ChannelStats | PairMoments,
     where: str,
 ) -> None:
     """Feed the calibration inputs through `layer` and record the output (or input) of `watched`."""

@@ -54,6 +54,8 @@ class OutlierTuneConfig(QuantizationConfigMixin):
             static activation steps.
         weight_algorithm: ``"absmax"``, ``"mse"`` (searched clip per output channel) or ``"gptq"``.
         gptq_damp: GPTQ Hessian damping as a fraction of the mean diagonal.
+        gptq_quantized_inputs: run GPTQ on the layer's *quantized* inputs with the float outputs as target
+            (a least-squares weight correction, then GPTQ), so weights compensate activation rounding.
         dataset: calibration texts (list of strings) or a path to a text file.
         tokenizer: tokenizer object or a name/path `AutoTokenizer` can load; defaults to the model's.
         num_samples: number of calibration sequences.
@@ -77,7 +79,8 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         rotate_dynamic: bool = True,
         act_clip: str = "max",
         weight_algorithm: str = "gptq",
-        gptq_damp: float = 0.01,
+        gptq_damp: float = 0.1,
+        gptq_quantized_inputs: bool = True,
         dataset: list[str] | str | None = None,
         tokenizer: Any = None,
         num_samples: int = 64,
@@ -102,6 +105,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         self.act_clip = act_clip
         self.weight_algorithm = weight_algorithm
         self.gptq_damp = gptq_damp
+        self.gptq_quantized_inputs = gptq_quantized_inputs
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.num_samples = num_samples
@@ -123,6 +127,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         _check_choice("act_bits", self.act_bits, ACT_BITS)
         _check_choice("symmetrize", self.symmetrize, (True, False))
         _check_choice("rotate_dynamic", self.rotate_dynamic, (True, False))
+        _check_choice("gptq_quantized_inputs", self.gptq_quantized_inputs, (True, False))
         _check_choice("non_norm_activations", self.non_norm_activations, NON_NORM_ACTIVATIONS)
         _check_choice("activation_scheme", self.activation_scheme, ACTIVATION_SCHEMES)
         _check_choice("act_clip", self.act_clip, ACT_CLIPS)

@@ -21,6 +21,7 @@ from .architectures import ArchSpec, NormGroup, decoder_layers, resolve_arch
 from .calibration import (
     CalibrationError,
     ChannelStats,
+    PairMoments,
     calibration_windows,
     capture_block_inputs,
     collect_stats,
@@ -104,8 +105,12 @@ def _quantize_norm_group(
     linears = {n: layer.get_submodule(n) for n in group.linears}
 
     if config.activation_scheme == "per_token":
+        moments = _input_moments(layer, norm, True, block_inputs, config, f"{prefix}.{group.norm}", None, "dynamic")
         for name in selected:
-            _replace_with_quantized(layer, name, linears[name].weight.data.float(), stats, None, "dynamic", None, config, prefix, formats)
+            _replace_with_quantized(
+                layer, name, linears[name].weight.data.float(), stats, None, "dynamic", None, config, prefix, formats,
+                moments=moments,
+            )
         return
 
     if config.activation_scheme == "smoothquant":
@@ -124,11 +129,14 @@ def _quantize_norm_group(
     absorbed = fold_into_norm(layer.get_submodule(group.norm), step, shift, spec.norm_weight_offset)
     act_mode = "static" if config.uses_static_activations else "dynamic"
     offset = shift / step if (shift is not None and not absorbed) else None
+    moments = _input_moments(layer, norm, True, block_inputs, config, f"{prefix}.{group.norm}", offset, act_mode)
     for name, linear in linears.items():
         quantized = name in selected
         folded_w = fold_into_linear(linear, step, shift if (quantized or absorbed) else None)
         if quantized:
-            _replace_with_quantized(layer, name, folded_w, stats, (shift, step), act_mode, offset, config, prefix, formats)
+            _replace_with_quantized(
+                layer, name, folded_w, stats, (shift, step), act_mode, offset, config, prefix, formats, moments=moments
+            )
 
 
 def _migrate_consumers(
@@ -178,17 +186,18 @@ def _quantize_non_norm_linear(
     """Quantize a linear whose input is not a norm output: per-token dynamic activations (optionally
     rotated), or static ones when its step was folded into its producer by `_migrate_consumers`."""
     linear = layer.get_submodule(name)
-    stats = ChannelStats(need_hessian=config.weight_algorithm == "gptq", sample_stride=1 << 30)
-    collect_stats(layer, linear, False, block_inputs, stats, f"{prefix}.{name} (input)")
-    if static:
-        _replace_with_quantized(layer, name, linear.weight.data.float(), stats, None, "static", None, config, prefix, formats)
-        return
-    block = hadamard_block_size(linear.in_features) if config.rotate_dynamic else 1
+    act_mode = "static" if static else "dynamic"
+    block = hadamard_block_size(linear.in_features) if (config.rotate_dynamic and not static) else 1
+    where = f"{prefix}.{name}"
+    moments = _input_moments(layer, linear, False, block_inputs, config, where, None, act_mode, block)
+    stats = ChannelStats(need_hessian=config.weight_algorithm == "gptq" and moments is None, sample_stride=1 << 30)
+    if moments is None:
+        collect_stats(layer, linear, False, block_inputs, stats, f"{where} (input)")
     weight = linear.weight.data.float()
     if block > 1:
         weight = rotate(weight, block)  # W·H: the layer sees x·H at run time
         stats.xtx = rotate_hessian(stats.xtx, block) if stats.xtx is not None else None
-    _replace_with_quantized(layer, name, weight, stats, None, "dynamic", None, config, prefix, formats, block)
+    _replace_with_quantized(layer, name, weight, stats, None, act_mode, None, config, prefix, formats, block, moments)
 
 
 def _replace_with_quantized(
@@ -203,16 +212,20 @@ def _replace_with_quantized(
     prefix: str,
     formats: dict[str, dict[str, Any]],
     hadamard_block: int = 1,
+    moments: PairMoments | None = None,
 ) -> None:
     """Quantize `weight` (already folded/rotated) per output channel and swap in an `OutlierTuneLinear`."""
     linear = layer.get_submodule(name)
     bits = config.weight_bits
+    if moments is not None:
+        weight = qm.least_squares_weight(weight, moments.cross, moments.hessian, config.gptq_damp)
     if config.weight_algorithm == "absmax":
         scale = qm.weight_scales_absmax(weight, bits)
     else:
         scale = qm.weight_scales_mse(weight, bits)
     if config.weight_algorithm == "gptq":
-        codes = qm.gptq_quantize(weight, _hessian_of_folded_input(stats, shift_step), scale, bits, config.gptq_damp)
+        hessian = moments.hessian.float() if moments is not None else _hessian_of_folded_input(stats, shift_step)
+        codes = qm.gptq_quantize(weight, hessian, scale, bits, config.gptq_damp)
     else:
         codes = qm.quantize_weight(weight, scale, bits)
     quantized = OutlierTuneLinear(
@@ -236,6 +249,36 @@ def _replace_with_quantized(
             quantized.input_offset.copy_(offset)
     layer.set_submodule(name, quantized)
     formats[f"{prefix}.{name}"] = quantized.format
+
+
+def _input_moments(
+    layer: nn.Module,
+    watched: nn.Module,
+    watch_output: bool,
+    block_inputs: list,
+    config: OutlierTuneConfig,
+    where: str,
+    offset: torch.Tensor | None,
+    act_mode: str,
+    hadamard_block: int = 1,
+) -> PairMoments | None:
+    """Σ x qᵀ and Σ q qᵀ of the input the quantized layer will see (x) and the values it will multiply (q),
+    for GPTQ on quantized inputs; None when that option is off."""
+    if config.weight_algorithm != "gptq" or not config.gptq_quantized_inputs:
+        return None
+    bits = config.act_bits
+
+    def quantizer(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = rotate(y, hadamard_block) if hadamard_block > 1 else y
+        if act_mode == "static":
+            x = x - offset if offset is not None else x
+            return x, qm.round_clamp(x, bits)
+        codes, step = qm.quantize_per_token(x, bits)
+        return x, codes.float() * step[:, None]
+
+    moments = PairMoments(quantizer)
+    collect_stats(layer, watched, watch_output, block_inputs, moments, f"{where} ({'output' if watch_output else 'input'})")
+    return moments
 
 
 def _hessian_of_folded_input(

@@ -160,3 +160,21 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
             return torch.linalg.cholesky(inv, upper=True)
         extra = max(extra * 10, 1e-4 * float(torch.diag(h).mean()))
     raise ValueError("GPTQ: the calibration Hessian is not positive definite even after damping; use more data.")
+
+
+def least_squares_weight(
+    weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01
+) -> torch.Tensor:
+    """Ŵ = (W C + λW)(H + λI)⁻¹: the float weight that best maps quantized inputs q onto the outputs W x.
+
+    `cross` is C = Σ x qᵀ and `hessian` H = Σ q qᵀ over calibration tokens. Minimising
+    Σ‖W x − Ŵ q‖² + λ‖Ŵ − W‖² compensates the systematic part of the activation rounding (e.g. small values
+    rounded to zero) through correlated channels, while the ridge term keeps Ŵ near W where the
+    calibration data says little; GPTQ on Ŵ with H then minimises the same objective for the integer weight.
+    """
+    w = weight.double()
+    h = hessian.double()
+    lam = damp * torch.diag(h).mean()
+    h = h + lam * torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    rhs = (w @ cross.double() + lam * w).t()
+    return torch.linalg.solve(h, rhs).t().float()
