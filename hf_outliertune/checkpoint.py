@@ -22,6 +22,9 @@ def expected_tensors(
     out: dict[str, tuple[tuple[int, ...], set[torch.dtype]]] = {}
     for name, fmt in module_formats.items():
         n_out, n_in = shapes[name]
+        if fmt.get("act") == "float":
+            out[f"{name}.bias"] = ((n_out,), floats)
+            continue
         out[f"{name}.weight"] = ((n_out, n_in), {torch.int8})
         out[f"{name}.weight_scale"] = ((n_out,), {torch.float32})
         if fmt.get("bias"):

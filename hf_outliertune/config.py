@@ -22,7 +22,7 @@ _RUNTIME_ONLY_KEYS = ("dataset", "tokenizer")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
+    if not any(value == a and type(value) is type(a) for a in allowed):  # 8.0 and 1 are not 8 and True
         raise ValueError(f"OutlierTuneConfig.{name}={value!r} is invalid; allowed values: {list(allowed)}.")
 
 

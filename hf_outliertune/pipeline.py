@@ -132,7 +132,10 @@ def _quantize_norm_group(
     moments = _input_moments(layer, norm, True, block_inputs, config, f"{prefix}.{group.norm}", offset, act_mode)
     for name, linear in linears.items():
         quantized = name in selected
+        had_bias = linear.bias is not None
         folded_w = fold_into_linear(linear, step, shift if (quantized or absorbed) else None)
+        if not quantized and not had_bias and linear.bias is not None:
+            formats[f"{prefix}.{name}"] = {"act": "float", "bias": True}  # a reload must recreate this bias
         if quantized:
             _replace_with_quantized(
                 layer, name, folded_w, stats, (shift, step), act_mode, offset, config, prefix, formats, moments=moments

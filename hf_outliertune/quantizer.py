@@ -18,7 +18,7 @@ from transformers.quantizers.auto import (
 from .calibration import CalibrationError, load_texts
 from .checkpoint import CheckpointError, expected_tensors, verify_checkpoint
 from .config import FORMAT_VERSION, QUANT_METHOD, OutlierTuneConfig
-from .modules import OutlierTuneLinear
+from .modules import ACT_MODES, OutlierTuneLinear
 from .pipeline import quantize_model
 
 
@@ -68,7 +68,8 @@ class OutlierTuneHfQuantizer(HfQuantizer):
 def replace_linears(
     model: nn.Module, module_formats: dict[str, dict[str, Any]], config: OutlierTuneConfig
 ) -> dict[str, tuple[int, int]]:
-    """Swap the named `nn.Linear`s for empty `OutlierTuneLinear`s; return their (out, in) shapes."""
+    """Swap the named `nn.Linear`s for empty `OutlierTuneLinear`s (or give float readers of a folded norm the
+    bias the fold created); return their (out, in) shapes."""
     shapes = {}
     for name, fmt in module_formats.items():
         try:
@@ -80,6 +81,18 @@ def replace_linears(
                 f"The quantization config names {name!r}, which is not a linear layer of this "
                 f"{type(model).__name__}; the checkpoint does not match the model's architecture."
             )
+        act = fmt.get("act") if isinstance(fmt, dict) else None
+        if act not in (*ACT_MODES, "float"):
+            raise CheckpointError(
+                f"module_formats[{name!r}] = {fmt!r} has no valid 'act' (one of {[*ACT_MODES, 'float']}); "
+                "the config.json is corrupt or from another tool. Re-save the checkpoint."
+            )
+        shapes[name] = (linear.out_features, linear.in_features)
+        if act == "float":  # a float reader of a folded norm that received a bias from the fold
+            if linear.bias is None:
+                linear.bias = nn.Parameter(torch.empty(linear.out_features, device=linear.weight.device,
+                                                       dtype=linear.weight.dtype))
+            continue
         with torch.device(linear.weight.device):
             new = OutlierTuneLinear(
                 linear.in_features,
@@ -93,7 +106,6 @@ def replace_linears(
                 dtype=linear.weight.dtype,
             )
         model.set_submodule(name, new)
-        shapes[name] = (linear.out_features, linear.in_features)
     return shapes
 
 

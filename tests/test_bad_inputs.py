@@ -272,10 +272,6 @@ def test_format_version_newer_in_config_object_is_refused():
         OutlierTuneConfig.from_dict({"quant_method": "hf_outliertune", "format_version": FORMAT_VERSION + 5})
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "package bug: replace_linears() indexes fmt['act'] directly, so a module_formats entry without 'act' "
-    "escapes as a bare KeyError('act') instead of a CheckpointError naming the module"
-))
 def test_module_formats_entry_without_act(ckpt_copy):
     _edit_quant_config(ckpt_copy, lambda qc: qc["module_formats"].update(
         {"model.layers.0.mlp.down_proj": {"offset": False, "bias": False}}))

@@ -177,3 +177,10 @@ def test_config_survives_model_config_json():
     assert d["quantization_config"]["quant_method"] == "hf_outliertune"
     assert d["quantization_config"]["module_formats"] == cfg.module_formats
     assert AutoQuantizationConfig.from_dict(d["quantization_config"]).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("field,value", [("weight_bits", 8.0), ("act_bits", True), ("symmetrize", 1),
+                                         ("rotate_dynamic", 0), ("gptq_quantized_inputs", "yes")])
+def test_lookalike_types_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        OutlierTuneConfig(**{field: value})

@@ -165,12 +165,6 @@ def test_reload_with_excluded_linears(tiny_dir, eval_ids, tmp_path):
     assert torch.equal(logits_of(reloaded, eval_ids), logits)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug: with a LayerNorm that has a bias (OPT) the symmetrization shift is absorbed by the norm, and "
-    "fold_into_linear() then creates a new `bias` on excluded (float) readers whose nn.Linear had bias=False "
-    "(OPT enable_bias=False). The bias is saved, but on reload the model is rebuilt from its config without that "
-    "bias, transformers reports it UNEXPECTED and drops it: logits change (measured rel. error 0.37)."
-))
 def test_reload_excluded_bias_free_reader_of_layernorm(eval_ids, tmp_path):
     torch.manual_seed(0)
     config = AutoConfig.for_model("opt", **ARCH_CONFIGS["opt"], enable_bias=False)
