@@ -18,7 +18,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import __version__, quantize
-from .config import ACT_BITS, ACT_CLIPS, ACTIVATION_SCHEMES, WEIGHT_ALGORITHMS, WEIGHT_BITS, OutlierTuneConfig
+from .config import (
+    ACT_BITS,
+    ACT_CLIPS,
+    ACTIVATION_SCHEMES,
+    NON_NORM_ACTIVATIONS,
+    WEIGHT_ALGORITHMS,
+    WEIGHT_BITS,
+    OutlierTuneConfig,
+)
 from .evaluation import PerplexityResult, perplexity
 from .models import DEFAULT_MODEL_NAME, default_model_path, load_float_model
 
@@ -48,6 +56,19 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return number
 
     return convert
+
+
+def optional_fraction(value: str) -> float | None:
+    """An argparse `type` for a number in [0, 1] or `none`."""
+    if value.lower() == "none":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number in [0, 1] or 'none'")
+    return number
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +104,17 @@ def _add_quantize_parser(subparsers: Any) -> None:
                    help="weight rounding (default: %(default)s)")
     p.add_argument("--act-clip", choices=ACT_CLIPS, default=_config_default("act_clip"),
                    help="static activation range: raw max or MSE-searched clip (default: %(default)s)")
+    p.add_argument("--non-norm-activations", choices=NON_NORM_ACTIVATIONS,
+                   default=_config_default("non_norm_activations"),
+                   help="o_proj/down_proj inputs: dynamic per-token or static per-channel (default: %(default)s)")
+    p.add_argument("--migration-alpha", type=optional_fraction, default=_config_default("migration_alpha"),
+                   metavar="A|none", help="SmoothQuant-style migration into v_proj/up_proj rows (default: %(default)s)")
+    p.add_argument("--no-rotate", action="store_true",
+                   help="no block-Hadamard rotation of the per-token-quantized inputs")
+    p.add_argument("--gptq-damp", type=float, default=_config_default("gptq_damp"),
+                   help="GPTQ damping, fraction of the mean Hessian diagonal (default: %(default)s)")
+    p.add_argument("--no-gptq-quantized-inputs", action="store_true",
+                   help="run GPTQ on float inputs instead of the quantized inputs the layer will see")
     p.add_argument("--num-samples", type=int_at_least(1), default=DEFAULT_NUM_SAMPLES, metavar="N",
                    help="calibration sequences (default: %(default)s)")
     p.add_argument("--seq-len", type=int_at_least(2), default=DEFAULT_SEQ_LEN, metavar="N",
@@ -147,6 +179,11 @@ def build_config(args: argparse.Namespace, texts: list[str]) -> OutlierTuneConfi
         activation_scheme=args.activation_scheme,
         weight_algorithm=args.weight_algorithm,
         act_clip=args.act_clip,
+        non_norm_activations=args.non_norm_activations,
+        migration_alpha=args.migration_alpha,
+        rotate_dynamic=not args.no_rotate,
+        gptq_damp=args.gptq_damp,
+        gptq_quantized_inputs=not args.no_gptq_quantized_inputs,
         dataset=texts,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
@@ -162,6 +199,12 @@ def describe_setting(config: Any) -> str:
     details = [config.weight_algorithm]
     if config.uses_static_activations:
         details += [f"{config.act_clip} clip"] + (["sym"] if config.symmetrize else [])
+    if config.non_norm_activations == "static":
+        details.append("static o/down")
+    else:
+        details += (["rot"] if config.rotate_dynamic else []) + (
+            [f"mig {config.migration_alpha}"] if config.migration_alpha is not None else []
+        )
     return f"W{config.weight_bits}A{config.act_bits} {config.activation_scheme} ({', '.join(details)})"
 
 

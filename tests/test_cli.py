@@ -89,3 +89,23 @@ def test_python_dash_m() -> None:
     result = subprocess.run([sys.executable, "-m", "hf_outliertune", "quantize", "--help"],
                             capture_output=True, text=True, check=True)
     assert "--weight-bits {8,6}" in result.stdout and "--calib FILE" in result.stdout
+
+
+def test_method_flags_reach_the_config():
+    from hf_outliertune.cli import build_config, build_parser
+
+    args = build_parser().parse_args(
+        ["quantize", "--calib", "x", "--migration-alpha", "none", "--no-rotate", "--gptq-damp", "0.05",
+         "--no-gptq-quantized-inputs", "--non-norm-activations", "static"]
+    )
+    cfg = build_config(args, ["text"])
+    assert cfg.migration_alpha is None and cfg.rotate_dynamic is False and cfg.gptq_damp == 0.05
+    assert cfg.gptq_quantized_inputs is False and cfg.non_norm_activations == "static"
+
+
+def test_bad_migration_alpha_is_an_argparse_error():
+    from hf_outliertune.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["quantize", "--migration-alpha", "2"])
+    assert exc.value.code == 2
