@@ -60,22 +60,16 @@ _LLAMA_LIKE = ArchSpec(
     ),
     producers=(("self_attn.o_proj", "self_attn.v_proj"), ("mlp.down_proj", "mlp.up_proj")),
 )
-_GEMMA = ArchSpec(
-    layers_path="model.layers",
-    stages=_LLAMA_LIKE.stages,
-    norm_weight_offset=1.0,
-    producers=_LLAMA_LIKE.producers,
-)
-_GEMMA2_3 = ArchSpec(
-    layers_path="model.layers",
+_GEMMA = replace(_LLAMA_LIKE, norm_weight_offset=1.0)
+# Gemma 2/3: the MLP reads pre_feedforward_layernorm; post_* norms act on sub-layer outputs, not linear inputs
+_GEMMA2_3 = replace(
+    _GEMMA,
     stages=(
         NormGroup("input_layernorm", _ATTN_QKV),
         ("self_attn.o_proj",),
         NormGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.down_proj",),
     ),
-    norm_weight_offset=1.0,
-    producers=_LLAMA_LIKE.producers,
 )
 _OPT = ArchSpec(
     layers_path="model.decoder.layers",

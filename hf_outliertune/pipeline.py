@@ -46,12 +46,12 @@ def quantize_model(model: nn.Module, config: OutlierTuneConfig, tokenizer: Any) 
     layers = decoder_layers(model, spec)
     layers_prefix = spec.layers_path
     skip = list(config.modules_to_not_convert or [])
-    to_quantize = [
+    to_quantize = {
         f"{layers_prefix}.{i}.{name}"
         for i in range(len(layers))
         for name in spec.all_linears
         if should_convert_module(f"{layers_prefix}.{i}.{name}", skip)
-    ]
+    }
     if not to_quantize:
         raise NoQuantizableLinearError(
             f"No linear layer is left to quantize (modules_to_not_convert={skip}); remove some exclusions."
@@ -100,7 +100,7 @@ def _quantize_norm_group(
     if not selected:
         return
     norm = layer.get_submodule(group.norm)
-    stats = ChannelStats(need_hessian=config.weight_algorithm == "gptq", sample_stride=sample_stride)
+    stats = ChannelStats(need_hessian=_needs_float_hessian(config), sample_stride=sample_stride)
     collect_stats(layer, norm, True, block_inputs, stats, f"{prefix}.{group.norm} (output)")
     linears = {n: layer.get_submodule(n) for n in group.linears}
 
@@ -149,7 +149,7 @@ def _migrate_consumers(
     block_inputs: list,
     config: OutlierTuneConfig,
     prefix: str,
-    to_quantize: list[str],
+    to_quantize: set[str],
 ) -> None:
     """Fold per-channel factors of this group's consumers (o_proj, down_proj...) into the producers' rows.
 
@@ -193,7 +193,7 @@ def _quantize_non_norm_linear(
     block = hadamard_block_size(linear.in_features) if (config.rotate_dynamic and not static) else 1
     where = f"{prefix}.{name}"
     moments = _input_moments(layer, linear, False, block_inputs, config, where, None, act_mode, block)
-    stats = ChannelStats(need_hessian=config.weight_algorithm == "gptq" and moments is None, sample_stride=1 << 30)
+    stats = ChannelStats(need_hessian=_needs_float_hessian(config), sample_stride=1 << 30)
     if moments is None:
         collect_stats(layer, linear, False, block_inputs, stats, f"{where} (input)")
     weight = linear.weight.data.float()
@@ -254,6 +254,11 @@ def _replace_with_quantized(
     formats[f"{prefix}.{name}"] = quantized.format
 
 
+def _needs_float_hessian(config: OutlierTuneConfig) -> bool:
+    """GPTQ on float inputs needs Σ x xᵀ; GPTQ on quantized inputs collects its own moments instead."""
+    return config.weight_algorithm == "gptq" and not config.gptq_quantized_inputs
+
+
 def _input_moments(
     layer: nn.Module,
     watched: nn.Module,
@@ -267,7 +272,7 @@ def _input_moments(
 ) -> PairMoments | None:
     """Σ x qᵀ and Σ q qᵀ of the input the quantized layer will see (x) and the values it will multiply (q),
     for GPTQ on quantized inputs; None when that option is off."""
-    if config.weight_algorithm != "gptq" or not config.gptq_quantized_inputs:
+    if config.weight_algorithm != "gptq" or _needs_float_hessian(config):
         return None
     bits = config.act_bits
 
