@@ -7,6 +7,7 @@ from typing import Any
 import torch.nn as nn
 
 from .config import OutlierTuneConfig
+from .fusion import fuse_norm_quant
 from .quantizer import OutlierTuneHfQuantizer, apply_quantization
 
 
@@ -22,6 +23,7 @@ def quantize(model: nn.Module, config: OutlierTuneConfig, tokenizer: Any = None)
     if tokenizer is not None:
         config.tokenizer = tokenizer
     apply_quantization(model, config)
+    fuse_norm_quant(model)
     quantizer = OutlierTuneHfQuantizer(config, pre_quantized=False)
     model.config.quantization_config = config
     model.hf_quantizer = quantizer

@@ -8,6 +8,13 @@ Two input modes:
 - ``dynamic``: per-token absmax quantization at run time (inputs not produced by a norm), optionally after
   a block-Hadamard rotation of the input (`hadamard_block` > 1; the weight columns are rotated offline).
 
+A static layer also accepts its input already as int8 codes: `fusion.fuse_norm_quant` makes the producing
+norm emit them (one fused norm+quantize kernel instead of a float write and one re-read per reader).
+
+The forward is differentiable w.r.t. its float input (straight-through over the activation rounding:
+grad_x = grad_y · `effective_weight()`), so LoRA adapters train on top; the integer weight and the scales
+never receive gradients.
+
 Parameters carry exactly the names, shapes and dtypes stored in checkpoints, so a pre-quantized model loads
 by direct assignment.
 """
@@ -17,8 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .kernels import int8_matmul
-from .quant_math import quantize_per_token, round_clamp
+from .kernels import int8_matmul, per_token_quant, static_quant
 from .rotation import rotate
 
 ACT_MODES = ("static", "dynamic")
@@ -60,6 +66,8 @@ class OutlierTuneLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         offset = torch.empty(in_features, dtype=torch.float32, device=device) if has_input_offset else None
         self.register_buffer("input_offset", offset)
+        # Follows `model.to(dtype)`; gives the output dtype when the input arrives as int8 codes.
+        self.register_buffer("compute_dtype_anchor", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
     @property
     def format(self) -> dict[str, object]:
@@ -73,24 +81,41 @@ class OutlierTuneLinear(nn.Module):
 
     def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Activation codes `(tokens, in)` and, for dynamic mode, the per-token step."""
+        if x2d.dtype == torch.int8:
+            if self.act_mode != "static":
+                raise TypeError(f"{self.act_mode} OutlierTuneLinear got int8 input; only static layers read codes.")
+            return x2d, None
         if self.act_mode == "dynamic":
-            if self.hadamard_block > 1:
-                x2d = rotate(x2d, self.hadamard_block)
-            return quantize_per_token(x2d, self.act_bits)
-        xs = x2d.float()
-        if self.input_offset is not None:
-            xs = xs - self.input_offset
-        return round_clamp(xs, self.act_bits).to(torch.int8), None
+            return per_token_quant(x2d.contiguous(), self.act_bits, self.hadamard_block)
+        return static_quant(x2d.contiguous(), self.input_offset, self.act_bits), None
+
+    def float_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The float input this layer quantizes: `x` itself, or for int8 codes from a fused norm, codes + offset."""
+        if x.dtype != torch.int8:
+            return x
+        xf = x.to(self.compute_dtype_anchor.dtype)
+        return xf + self.input_offset.to(xf.dtype) if self.input_offset is not None else xf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _StraightThroughLinear.apply(x, self)
+        return self._quantized_forward(x)
+
+    def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        out_dtype = self.compute_dtype_anchor.dtype if x.dtype == torch.int8 else x.dtype
         codes, a_scale = self.quantize_input(x.reshape(-1, self.in_features))
-        y = int8_matmul(codes, self.weight, self.weight_scale, a_scale, self.bias, out_dtype=x.dtype)
+        y = int8_matmul(codes, self.weight, self.weight_scale, a_scale, self.bias, out_dtype=out_dtype)
         return y.reshape(*lead, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight this layer applies to its (grid-domain) input: codes × per-row step."""
-        return self.weight.float() * self.weight_scale[:, None]
+        """The float weight this layer applies to its (grid-domain, possibly rotated) input: codes × per-row step."""
+        return self.weight.float() * self.weight_scale.float()[:, None]
+
+    def effective_weight(self) -> torch.Tensor:
+        """W_eff with y ≈ x · W_effᵀ + bias for the float input x (the Hadamard rotation included)."""
+        w = self.dequantized_weight()
+        return rotate(w, self.hadamard_block) if self.hadamard_block > 1 else w
 
     def extra_repr(self) -> str:
         return (
@@ -98,3 +123,17 @@ class OutlierTuneLinear(nn.Module):
             f"W{self.weight_bits}A{self.act_bits}, act={self.act_mode}, offset={self.input_offset is not None}, "
             f"hadamard={self.hadamard_block}"
         )
+
+
+class _StraightThroughLinear(torch.autograd.Function):
+    """Quantized forward; backward through the dequantized weight (the rounding is treated as identity)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: OutlierTuneLinear) -> torch.Tensor:
+        ctx.module = module
+        return module._quantized_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        w = ctx.module.effective_weight().to(grad_y.dtype)
+        return grad_y @ w, None

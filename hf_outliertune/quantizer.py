@@ -18,6 +18,7 @@ from transformers.quantizers.auto import (
 from .calibration import CalibrationError, load_texts
 from .checkpoint import CheckpointError, expected_tensors, verify_checkpoint
 from .config import FORMAT_VERSION, QUANT_METHOD, OutlierTuneConfig
+from .fusion import fuse_norm_quant
 from .modules import ACT_MODES, OutlierTuneLinear
 from .pipeline import quantize_model
 
@@ -49,9 +50,9 @@ class OutlierTuneHfQuantizer(HfQuantizer):
         return False  # weights load in float; calibration runs once they are all in place
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        if self.pre_quantized:
-            return
-        apply_quantization(model, self.quantization_config)
+        if not self.pre_quantized:
+            apply_quantization(model, self.quantization_config)
+        fuse_norm_quant(model)
 
     def is_serializable(self) -> bool:
         return True

@@ -1,5 +1,6 @@
-"""Integer GEMM kernels, each next to the pure-PyTorch reference that specifies it."""
+"""Triton kernels, each next to the pure-PyTorch reference that specifies it (and serves as the CPU path)."""
 
+from .act_quant import norm_quant, per_token_quant, static_quant
 from .int8_matmul import int8_matmul, int8_matmul_reference
 
-__all__ = ["int8_matmul", "int8_matmul_reference"]
+__all__ = ["int8_matmul", "int8_matmul_reference", "norm_quant", "per_token_quant", "static_quant"]

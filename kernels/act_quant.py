@@ -1,0 +1,343 @@
+"""Activation quantization kernels: one pass from floating-point activations to int8 codes.
+
+Three entry points, each with its pure-PyTorch reference (the specification and the CPU path):
+
+- `norm_quant`: RMSNorm or LayerNorm fused with the static OutlierTune quantizer. The per-channel
+  steps Δ are already folded into the norm weight, so the norm output *is* the grid-domain input;
+  `codes = clamp(round(norm(x) − offset))`. Replaces "norm writes bf16, each reader re-reads and
+  quantizes it" with one read of x and one int8 write.
+- `static_quant`: `clamp(round(x − offset))` for a static input whose norm could not be fused.
+- `per_token_quant`: dynamic per-token absmax quantization, optionally after a block-Hadamard
+  rotation of each row (x · blockdiag(H_B, …)). The rotation runs in the kernel as two small
+  matmuls, H_B = H_B1 ⊗ H_B2, so it costs O(K·(B1+B2)) per row instead of O(K·B).
+
+Rounding is round-half-to-even everywhere (as `torch.round`); the kernels emulate it with floor so
+they also run under TRITON_INTERPRET=1, where `libdevice.rint` is unavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # no triton (macOS, CPU-only installs): the references serve
+    triton = None
+    tl = None
+
+TINY = 1e-8  # smallest per-token step (an all-zero row quantizes to zeros, not NaN)
+NORM_KINDS = ("rms", "layer")
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# References (the specification; the CPU path)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _round_clamp(y: torch.Tensor, bits: int) -> torch.Tensor:
+    q = qmax(bits)
+    return torch.clamp(torch.round(y), -q, q).to(torch.int8)
+
+
+def norm_quant_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    kind: str,
+    weight_offset: float,
+    input_offset: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    """Codes of `norm(x)·(weight + weight_offset) + bias − input_offset`, all in fp32."""
+    xf = x.float()
+    if kind == "layer":
+        xf = xf - xf.mean(dim=-1, keepdim=True)
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * (weight.float() + weight_offset)
+    if bias is not None:
+        y = y + bias.float()
+    if input_offset is not None:
+        y = y - input_offset.float()
+    return _round_clamp(y, bits)
+
+
+def static_quant_reference(x: torch.Tensor, input_offset: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Codes of a grid-domain input: `clamp(round(x − offset))`."""
+    y = x.float()
+    if input_offset is not None:
+        y = y - input_offset.float()
+    return _round_clamp(y, bits)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix of order n (a power of two)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).float()
+
+
+def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x · blockdiag(H_block, …) along the last dimension, in fp32."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    h = _hadamard_cpu(block).to(x.device)
+    return (x.float().reshape(-1, k // block, block) @ h).reshape(*lead, k)
+
+
+def per_token_quant_reference(
+    x: torch.Tensor, bits: int, hadamard_block: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes `(M, K)` and per-token steps `(M,)` of the (optionally rotated) rows of `x`."""
+    xf = block_hadamard(x, hadamard_block) if hadamard_block > 1 else x.float()
+    step = (xf.abs().amax(dim=-1) / qmax(bits)).clamp(min=TINY)
+    return _round_clamp(xf / step[:, None], bits), step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _norm_quant_kernel(
+    x_ptr, w_ptr, b_ptr, off_ptr, out_ptr,
+    K, stride_xm, stride_om,
+    eps, w_offset, QMAX,
+    IS_LAYERNORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per row: statistics pass over the row, then normalize, shift, round, clamp, store int8."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        acc += x
+        acc2 += x * x
+    if IS_LAYERNORM:
+        mean = tl.sum(acc, axis=0) / K
+    else:
+        mean = 0.0
+    var = tl.sum(acc2, axis=0) / K - mean * mean
+    rstd = 1.0 / tl.sqrt(var + eps)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean) * rstd * (w + w_offset)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            y -= tl.load(off_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.floor(y + 0.5)  # round half to even, without libdevice.rint (interpreter)
+        r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+        r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
+        tl.store(out_ptr + row * stride_om + offs, r.to(tl.int8), mask=mask)
+
+
+def _static_quant_kernel(
+    x_ptr, off_ptr, out_ptr, K, stride_xm, stride_om, QMAX,
+    HAS_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (rows, K blocks): `clamp(round(x − offset))` to int8."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    y = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        y -= tl.load(off_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.floor(y + 0.5)
+    r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+    r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
+    tl.store(out_ptr + row * stride_om + offs, r.to(tl.int8), mask=mask)
+
+
+def _per_token_quant_kernel(
+    x_ptr, out_ptr, step_ptr, K, stride_xm, stride_om, QMAX, TINY_STEP,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per row: absmax pass, then quantize with step = absmax / QMAX."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    step = tl.maximum(tl.max(amax, axis=0) / QMAX, TINY_STEP)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        y = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / step
+        r = tl.floor(y + 0.5)
+        r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+        r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
+        tl.store(out_ptr + row * stride_om + offs, r.to(tl.int8), mask=mask)
+    tl.store(step_ptr + row, step)
+
+
+def _hadamard_per_token_quant_kernel(
+    x_ptr, out_ptr, step_ptr, K, stride_xm, stride_om, QMAX, TINY_STEP, NORM,
+    B1: tl.constexpr, B2: tl.constexpr, LOG_B1: tl.constexpr, LOG_B2: tl.constexpr,
+):
+    """One program per row. Each block of B1·B2 channels, viewed as a (B1, B2) tile X, rotates to
+    H_B1 · X · H_B2 (the Sylvester H_B = H_B1 ⊗ H_B2, unnormalized ±1 entries, then × NORM).
+    Pass 1 finds the row's absmax of the rotated values; pass 2 recomputes them and quantizes."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    i1 = tl.arange(0, B1)
+    i2 = tl.arange(0, B2)
+    # Sylvester entries: H[i, j] = (−1)^popcount(i & j).
+    p1 = tl.zeros((B1, B1), dtype=tl.int32)
+    a1 = i1[:, None] & i1[None, :]
+    for b in tl.static_range(LOG_B1):
+        p1 ^= (a1 >> b) & 1
+    h1 = 1.0 - 2.0 * p1.to(tl.float32)
+    p2 = tl.zeros((B2, B2), dtype=tl.int32)
+    a2 = i2[:, None] & i2[None, :]
+    for b in tl.static_range(LOG_B2):
+        p2 ^= (a2 >> b) & 1
+    h2 = 1.0 - 2.0 * p2.to(tl.float32)
+    tile = i1[:, None] * B2 + i2[None, :]
+    amax = tl.zeros((B1, B2), dtype=tl.float32)
+    for k0 in range(0, K, B1 * B2):
+        x = tl.load(x_row + k0 + tile).to(tl.float32)
+        y = tl.dot(h1, tl.dot(x, h2, input_precision="tf32x3"), input_precision="tf32x3")
+        amax = tl.maximum(amax, tl.abs(y))
+    step = tl.maximum(tl.max(tl.max(amax, axis=1), axis=0) * NORM / QMAX, TINY_STEP)
+    for k0 in range(0, K, B1 * B2):
+        x = tl.load(x_row + k0 + tile).to(tl.float32)
+        y = tl.dot(h1, tl.dot(x, h2, input_precision="tf32x3"), input_precision="tf32x3") * NORM / step
+        r = tl.floor(y + 0.5)
+        r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+        r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
+        tl.store(out_ptr + row * stride_om + k0 + tile, r.to(tl.int8))
+    tl.store(step_ptr + row, step)
+
+
+@functools.cache
+def _jit(kernel_name: str, interpret: bool):
+    """`triton.jit` applied on first use, so TRITON_INTERPRET set after import still takes effect."""
+    return triton.jit(globals()[kernel_name])
+
+
+def _row_block(k: int) -> int:
+    return min(triton.next_power_of_2(k), 4096)
+
+
+def _warps(block: int) -> int:
+    return 1 if _interpret_mode() else max(1, min(8, block // 512))
+
+
+def _check_2d(x: torch.Tensor) -> None:
+    if x.dim() != 2 or not x.is_floating_point():
+        raise TypeError(f"expected a 2-D floating-point activation (tokens, channels), got {x.dtype} {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError("the activation's last dimension must be contiguous; call .contiguous() first")
+
+
+def norm_quant_triton(x, weight, bias, eps, kind, weight_offset, input_offset, bits) -> torch.Tensor:
+    """`norm_quant_reference` as one Triton kernel (one program per token)."""
+    _check_2d(x)
+    m, k = x.shape
+    out = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    if m == 0:
+        return out
+    block = _row_block(k)
+    _jit("_norm_quant_kernel", _interpret_mode())[(m,)](
+        x, weight, bias if bias is not None else weight, input_offset if input_offset is not None else weight, out,
+        k, x.stride(0), out.stride(0), float(eps), float(weight_offset), float(qmax(bits)),
+        IS_LAYERNORM=kind == "layer", HAS_BIAS=bias is not None, HAS_OFFSET=input_offset is not None,
+        BLOCK_K=block, num_warps=_warps(block),
+    )
+    return out
+
+
+def static_quant_triton(x: torch.Tensor, input_offset: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """`static_quant_reference` as one elementwise Triton kernel."""
+    _check_2d(x)
+    m, k = x.shape
+    out = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    if m == 0:
+        return out
+    block = min(triton.next_power_of_2(k), 1024)
+    _jit("_static_quant_kernel", _interpret_mode())[(m, triton.cdiv(k, block))](
+        x, input_offset if input_offset is not None else x, out, k, x.stride(0), out.stride(0), float(qmax(bits)),
+        HAS_OFFSET=input_offset is not None, BLOCK_K=block, num_warps=_warps(block),
+    )
+    return out
+
+
+def hadamard_factors(block: int) -> tuple[int, int] | None:
+    """(B1, B2) with B1·B2 = block, both ≥ 16 powers of two (the in-kernel rotation), else None."""
+    if block < 256 or block & (block - 1):
+        return None
+    b2 = 1 << (int(math.log2(block)) // 2)
+    return block // b2, b2
+
+
+def per_token_quant_triton(
+    x: torch.Tensor, bits: int, hadamard_block: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_token_quant_reference` as one Triton kernel per call (the rotation fused when B ≥ 256)."""
+    _check_2d(x)
+    m, k = x.shape
+    out = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    step = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out, step
+    if hadamard_block > 1:
+        factors = hadamard_factors(hadamard_block)
+        if factors is None:  # too small for tl.dot tiles: rotate with torch, then quantize in the kernel
+            x = block_hadamard(x, hadamard_block)
+        else:
+            b1, b2 = factors
+            _jit("_hadamard_per_token_quant_kernel", _interpret_mode())[(m,)](
+                x, out, step, k, x.stride(0), out.stride(0), float(qmax(bits)), TINY,
+                1.0 / math.sqrt(hadamard_block),
+                B1=b1, B2=b2, LOG_B1=int(math.log2(b1)), LOG_B2=int(math.log2(b2)),
+                num_warps=1 if _interpret_mode() else 4,
+            )
+            return out, step
+    block = _row_block(k)
+    _jit("_per_token_quant_kernel", _interpret_mode())[(m,)](
+        x, out, step, k, x.stride(0), out.stride(0), float(qmax(bits)), TINY, BLOCK_K=block, num_warps=_warps(block),
+    )
+    return out, step
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton is not None
+
+
+def norm_quant(x, weight, bias, eps, kind, weight_offset, input_offset, bits) -> torch.Tensor:
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere."""
+    if kind not in NORM_KINDS:
+        raise ValueError(f"kind={kind!r} is invalid; allowed values: {list(NORM_KINDS)}")
+    fn = norm_quant_triton if _use_triton(x) else norm_quant_reference
+    return fn(x, weight, bias, eps, kind, weight_offset, input_offset, bits)
+
+
+def static_quant(x: torch.Tensor, input_offset: torch.Tensor | None, bits: int) -> torch.Tensor:
+    fn = static_quant_triton if _use_triton(x) else static_quant_reference
+    return fn(x, input_offset, bits)
+
+
+def per_token_quant(x: torch.Tensor, bits: int, hadamard_block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = per_token_quant_triton if _use_triton(x) else per_token_quant_reference
+    return fn(x, bits, hadamard_block)
