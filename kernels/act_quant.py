@@ -321,23 +321,72 @@ def per_token_quant_triton(
     return out, step
 
 
+# ----------------------------------------------------------------------------------------------------
+# Public entry points: custom ops on CUDA (opaque to torch.compile, CUDA-graph safe), references elsewhere
+# ----------------------------------------------------------------------------------------------------
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton is not None
 
 
 def norm_quant(x, weight, bias, eps, kind, weight_offset, input_offset, bits) -> torch.Tensor:
-    """Dispatch: the Triton kernel on CUDA, the reference elsewhere."""
+    """Int8 codes of the folded norm's output (see `norm_quant_reference`)."""
     if kind not in NORM_KINDS:
         raise ValueError(f"kind={kind!r} is invalid; allowed values: {list(NORM_KINDS)}")
-    fn = norm_quant_triton if _use_triton(x) else norm_quant_reference
-    return fn(x, weight, bias, eps, kind, weight_offset, input_offset, bits)
+    if _use_triton(x):
+        return torch.ops.hf_outliertune.norm_quant(x, weight, bias, eps, kind, weight_offset, input_offset, bits)
+    return norm_quant_reference(x, weight, bias, eps, kind, weight_offset, input_offset, bits)
 
 
 def static_quant(x: torch.Tensor, input_offset: torch.Tensor | None, bits: int) -> torch.Tensor:
-    fn = static_quant_triton if _use_triton(x) else static_quant_reference
-    return fn(x, input_offset, bits)
+    """Int8 codes of a grid-domain input (see `static_quant_reference`)."""
+    if _use_triton(x):
+        return torch.ops.hf_outliertune.static_quant(x, input_offset, bits)
+    return static_quant_reference(x, input_offset, bits)
 
 
 def per_token_quant(x: torch.Tensor, bits: int, hadamard_block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = per_token_quant_triton if _use_triton(x) else per_token_quant_reference
-    return fn(x, bits, hadamard_block)
+    """Int8 codes and per-token steps (see `per_token_quant_reference`)."""
+    if _use_triton(x):
+        return torch.ops.hf_outliertune.per_token_quant(x, bits, hadamard_block)
+    return per_token_quant_reference(x, bits, hadamard_block)
+
+
+@torch.library.custom_op(
+    "hf_outliertune::norm_quant",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, float eps, str kind, float weight_offset, Tensor? input_offset, "
+    "int bits) -> Tensor",
+)
+def _norm_quant_op(x, weight, bias, eps, kind, weight_offset, input_offset, bits):
+    return norm_quant_triton(x, weight, bias, eps, kind, weight_offset, input_offset, bits)
+
+
+@_norm_quant_op.register_fake
+def _(x, weight, bias, eps, kind, weight_offset, input_offset, bits):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.custom_op(
+    "hf_outliertune::static_quant", mutates_args=(), schema="(Tensor x, Tensor? input_offset, int bits) -> Tensor"
+)
+def _static_quant_op(x, input_offset, bits):
+    return static_quant_triton(x, input_offset, bits)
+
+
+@_static_quant_op.register_fake
+def _(x, input_offset, bits):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.custom_op(
+    "hf_outliertune::per_token_quant", mutates_args=(), schema="(Tensor x, int bits, int hadamard_block) -> (Tensor, Tensor)"
+)
+def _per_token_quant_op(x, bits, hadamard_block):
+    return per_token_quant_triton(x, bits, hadamard_block)
+
+
+@_per_token_quant_op.register_fake
+def _(x, bits, hadamard_block):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)

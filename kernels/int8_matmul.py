@@ -67,9 +67,9 @@ def int8_matmul(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Dispatch: the fused Triton kernel for CUDA tensors when triton imports, else the reference."""
+    """Dispatch: on CUDA (triton importable) the `hf_outliertune::int8_matmul` custom op, else the reference."""
     if a.is_cuda and triton is not None:
-        return int8_matmul_triton(a, w, w_scale, a_scale, bias, out_dtype)
+        return torch.ops.hf_outliertune.int8_matmul(a, w, w_scale, a_scale, bias, out_dtype)
     return int8_matmul_reference(a, w, w_scale, a_scale, bias, out_dtype)
 
 
@@ -114,6 +114,10 @@ def _int8_matmul_configs() -> list:
         cfg(16, 64, 256, 4, 4),
         cfg(16, 64, 512, 4, 3),
         cfg(16, 32, 512, 4, 3),
+        cfg(16, 32, 256, 4, 4),
+        cfg(16, 16, 512, 4, 4),
+        cfg(16, 16, 1024, 4, 3),
+        cfg(16, 32, 1024, 4, 3),
     ]
 
 
@@ -295,3 +299,150 @@ def int8_matmul_triton(
             grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
             autotuned.fn[grid](*args, **flags, **meta)
     return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# Persistent TMA kernel (Hopper+, large M): one program per SM walks the output tiles; operands arrive
+# through tensor-memory-accelerator descriptors (out-of-bounds reads are zero-filled, stores clipped).
+# ----------------------------------------------------------------------------------------------------
+
+
+def _int8_matmul_tma_kernel(
+    a_ptr, w_ptr, c_ptr, w_scale_ptr, a_scale_ptr, bias_ptr,
+    M, N, K,
+    M_BUCKET, N_BUCKET, K_BUCKET,  # autotune keys only
+    NUM_SMS: tl.constexpr,
+    HAS_A_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """`_int8_matmul_kernel` for contiguous operands, persistent over tiles, with TMA loads and stores."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_pid_in_group = GROUP_M * num_pid_n
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+        group_id = tile_id // num_pid_in_group
+        group_size_m = min(num_pid_m - group_id * GROUP_M, GROUP_M)
+        pid_m = group_id * GROUP_M + (tile_id % group_size_m)
+        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            w = w_desc.load([off_n, ki * BLOCK_K])
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        y = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if HAS_A_SCALE:
+            y = y * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([off_m, off_n], y.to(c_desc.dtype))
+
+
+def _tma_configs() -> list:
+    if _interpret_mode():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
+            (256, 128, 128, 8, 3), (64, 256, 128, 4, 4), (128, 128, 64, 8, 5),
+        )
+    ]
+
+
+@functools.cache
+def _jitted_tma_kernel(interpret: bool):
+    return triton.autotune(
+        configs=_tma_configs(),
+        key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_A_SCALE", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(triton.jit(_int8_matmul_tma_kernel))
+
+
+def tma_supported(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """TMA needs contiguous operands with 16-byte aligned rows and a Hopper-class GPU (or the interpreter)."""
+    if triton is None or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9:
+        return False
+    out_bytes = torch.empty((), dtype=out_dtype).element_size()
+    return a.is_contiguous() and w.is_contiguous() and a.shape[1] % 16 == 0 and (w.shape[0] * out_bytes) % 16 == 0
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def int8_matmul_tma(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """`int8_matmul_reference` as the persistent TMA kernel (see `tma_supported` for its requirements)."""
+    _check_inputs(a, w, w_scale, a_scale, bias, out_dtype)
+    if not tma_supported(a, w, out_dtype):
+        raise ValueError("int8_matmul_tma needs contiguous a and w, K % 16 == 0, 16-byte output rows and sm90+")
+    (m, k), n = a.shape, w.shape[0]
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    if a.is_cuda:
+        triton.set_allocator(_tma_allocator)
+        num_sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    else:
+        num_sms = 4
+    w_scale = w_scale.contiguous()
+    a_scale_arg = a_scale.contiguous() if a_scale is not None else w_scale
+    bias_arg = bias.contiguous() if bias is not None else w_scale
+    args = (a, w, c, w_scale, a_scale_arg, bias_arg, m, n, k, _bucket(m), _bucket(n), _bucket(k))
+    flags = {"HAS_A_SCALE": a_scale is not None, "HAS_BIAS": bias is not None, "NUM_SMS": num_sms}
+    kernel = _jitted_tma_kernel(_interpret_mode())
+
+    def grid(meta):
+        return (min(num_sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+    kernel[grid](*args, **flags)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CUDA entry point as a torch custom op: opaque to torch.compile (with a fake for shape propagation)
+# and free of host syncs, so it can be captured in CUDA graphs once autotuning has run.
+# ----------------------------------------------------------------------------------------------------
+
+TMA_MIN_M = 256  # from this many tokens the persistent TMA kernel wins; below it the narrow decode tiles
+
+
+def int8_matmul_cuda(a, w, w_scale, a_scale, bias, out_dtype) -> torch.Tensor:
+    """Kernel choice on the GPU: persistent TMA for prefill-sized M, the tiled kernel otherwise."""
+    if a.shape[0] >= TMA_MIN_M and tma_supported(a, w, out_dtype):
+        return int8_matmul_tma(a, w, w_scale, a_scale, bias, out_dtype)
+    return int8_matmul_triton(a, w, w_scale, a_scale, bias, out_dtype)
+
+
+@torch.library.custom_op(
+    "hf_outliertune::int8_matmul",
+    mutates_args=(),
+    schema="(Tensor a, Tensor w, Tensor w_scale, Tensor? a_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+)
+def _int8_matmul_op(a, w, w_scale, a_scale, bias, out_dtype):
+    return int8_matmul_cuda(a, w, w_scale, a_scale, bias, out_dtype)
+
+
+@_int8_matmul_op.register_fake
+def _(a, w, w_scale, a_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)

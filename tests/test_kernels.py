@@ -238,3 +238,29 @@ def test_gpu_realistic_shape(monkeypatch):
             mp.setattr(mod, "int8_matmul_reference", must_not_run)
             y = int8_matmul(*args, out_dtype=torch.bfloat16)
         torch.testing.assert_close(y, expected, **LOW_TOL[torch.bfloat16])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The persistent TMA kernel (prefill-sized M on Hopper) and the CUDA dispatch
+# ----------------------------------------------------------------------------------------------------
+
+TMA_SHAPES = [(1, 32, 16), (37, 96, 48), (64, 128, 40), (300, 64, 24)]  # K % 16 == 0, N·2 bytes % 16 == 0
+
+
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("m,k,n", TMA_SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in TMA_SHAPES])
+def test_tma_kernel_matches_reference(m, k, n, has_bias):
+    if CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA descriptors need sm90+")
+    args = _operands(m, k, n, a_scale=True, bias=has_bias, seed=5 * m + n)
+    y = mod.int8_matmul_tma(*args, out_dtype=torch.float32)
+    torch.testing.assert_close(y, int8_matmul_reference(*args, out_dtype=torch.float32), **FP32_TOL)
+    y16 = mod.int8_matmul_tma(*args, out_dtype=torch.bfloat16)
+    torch.testing.assert_close(y16, int8_matmul_reference(*args, out_dtype=torch.bfloat16), **LOW_TOL[torch.bfloat16])
+
+
+def test_tma_refuses_unaligned_operands():
+    a, w, w_scale, _, _ = _operands(4, 40, 24, a_scale=False, bias=False)  # K = 40: rows not 16-byte aligned
+    assert not mod.tma_supported(a, w, torch.float32)
+    with pytest.raises(ValueError, match="int8_matmul_tma needs"):
+        mod.int8_matmul_tma(a, w, w_scale)

@@ -1,0 +1,189 @@
+"""End-to-end W8A8 OutlierTune vs bf16 on a Llama-3-8B-architecture model with random weights (GPU, no download).
+
+Measured in one run on the same model: prefill latency (1×2048 and 8×512 tokens, no cache), decode tokens/s
+(batch 1 and 16, static KV cache, one decode step captured in a CUDA graph and replayed), peak GPU memory of
+the prefill, weight memory, and the size of the saved checkpoint. The W8A8 model is built the way a calibrated
+one looks at run time (static per-channel inputs with the norm fused into the quantizer for q/k/v/gate/up,
+dynamic per-token inputs with the block-Hadamard rotation for o/down, int8 weights with per-channel scales);
+its weights are the random bf16 weights quantized per channel (speed does not depend on calibration).
+
+    python bench/e2e_llama.py --json docs/e2e_llama8b_h100.json [--layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import env_info  # noqa: E402
+
+from hf_outliertune import OutlierTuneConfig  # noqa: E402
+from hf_outliertune.architectures import decoder_layers, resolve_arch  # noqa: E402
+from hf_outliertune.fusion import fuse_norm_quant  # noqa: E402
+from hf_outliertune.modules import OutlierTuneLinear  # noqa: E402
+from hf_outliertune.quant_math import quantize_weight, weight_scales_absmax  # noqa: E402
+from hf_outliertune.quantizer import OutlierTuneHfQuantizer  # noqa: E402
+from hf_outliertune.rotation import hadamard_block_size  # noqa: E402
+
+LLAMA3_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+def build_bf16(layers: int) -> torch.nn.Module:
+    config = AutoConfig.for_model("llama", num_hidden_layers=layers, **LLAMA3_8B)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+def to_random_w8a8(model: torch.nn.Module) -> OutlierTuneConfig:
+    """Replace every decoder linear in place by an `OutlierTuneLinear` with the run-time layout of a calibrated one."""
+    spec = resolve_arch(model)
+    norm_fed = {name for group in spec.norm_groups for name in group.linears}
+    formats = {}
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        for name in spec.all_linears:
+            linear = layer.get_submodule(name)
+            static = name in norm_fed
+            block = 1 if static else hadamard_block_size(linear.in_features)
+            q = OutlierTuneLinear(linear.in_features, linear.out_features, bias=False,
+                                  act_mode="static" if static else "dynamic", has_input_offset=static,
+                                  weight_bits=8, act_bits=8, hadamard_block=block, dtype=torch.bfloat16,
+                                  device="cuda")
+            scale = weight_scales_absmax(linear.weight, 8)
+            q.weight.data = quantize_weight(linear.weight, scale, 8)
+            q.weight_scale.copy_(scale)
+            if static:
+                q.input_offset.zero_()
+            layer.set_submodule(name, q)
+            formats[f"{spec.layers_path}.{i}.{name}"] = q.format
+    config = OutlierTuneConfig(module_formats=formats, calibration_summary={"note": "random weights, no calibration"})
+    model.config.quantization_config = config
+    model.hf_quantizer = OutlierTuneHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    fuse_norm_quant(model)
+    return config
+
+
+def cuda_time_ms(fn, repeats: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def prefill(model, batch: int, seq: int) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)  # warm-up / autotune
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = cuda_time_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
+    return {"ms": ms, "tokens_per_s": batch * seq / ms * 1000, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+@torch.no_grad()
+def decode(model, batch: int, prompt: int = 128, steps: int = 64) -> dict:
+    """Tokens/s of single-token decode steps (static cache, CUDA graph replay of one step)."""
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"), logits_to_keep=1)
+    step_ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    pos = torch.tensor([prompt], device="cuda")
+
+    def step():
+        return model(input_ids=step_ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager_ms = cuda_time_ms(step)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph_ms = cuda_time_ms(lambda: [graph.replay() for _ in range(steps)], repeats=3) / steps
+    del graph
+    return {"graph_ms_per_step": graph_ms, "tokens_per_s": batch / graph_ms * 1000,
+            "eager_ms_per_step": eager_ms, "eager_tokens_per_s": batch / eager_ms * 1000}
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def measure(model) -> dict:
+    out = {"weight_GiB": weight_bytes(model) / 2**30}
+    for b, s in ((1, 2048), (8, 512)):
+        out[f"prefill_{b}x{s}"] = prefill(model, b, s)
+    for b in (1, 16):
+        out[f"decode_b{b}"] = decode(model, b)
+    return out
+
+
+def checkpoint_GiB(model) -> float:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        model.save_pretrained(d)
+        return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default="e2e_llama.json")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--no-save", action="store_true", help="skip writing the checkpoints (size from tensors)")
+    args = parser.parse_args()
+    t0 = time.time()
+    torch.manual_seed(0)
+    model = build_bf16(args.layers)
+    results = {"bf16": measure(model)}
+    print("bf16", json.dumps(results["bf16"], indent=1), flush=True)
+    to_random_w8a8(model)
+    torch.cuda.empty_cache()
+    results["w8a8"] = measure(model)
+    print("w8a8", json.dumps(results["w8a8"], indent=1), flush=True)
+    if not args.no_save:
+        results["w8a8"]["checkpoint_GiB"] = checkpoint_GiB(model)
+    b, q = results["bf16"], results["w8a8"]
+    ratios = {
+        "weight_memory": b["weight_GiB"] / q["weight_GiB"],
+        **{k: b[k]["ms"] / q[k]["ms"] for k in b if k.startswith("prefill")},
+        **{k: q[k]["tokens_per_s"] / b[k]["tokens_per_s"] for k in b if k.startswith("decode")},
+    }
+    out = {"env": env_info(), "date": time.strftime("%Y-%m-%d"), "layers": args.layers, "results": results,
+           "speedup_vs_bf16": ratios, "wall_s": time.time() - t0}
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\n{'metric':<22} {'bf16':>10} {'W8A8':>10} {'ratio':>7}")
+    print(f"{'weights GiB':<22} {b['weight_GiB']:>10.2f} {q['weight_GiB']:>10.2f} {ratios['weight_memory']:>6.2f}x")
+    for k in b:
+        if k.startswith("prefill"):
+            print(f"{k + ' ms':<22} {b[k]['ms']:>10.1f} {q[k]['ms']:>10.1f} {ratios[k]:>6.2f}x")
+        elif k.startswith("decode"):
+            print(f"{k + ' tok/s':<22} {b[k]['tokens_per_s']:>10.1f} {q[k]['tokens_per_s']:>10.1f} {ratios[k]:>6.2f}x")
+    print(f"wrote {args.json} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Per-layer W8A8 GEMM speed at Llama-3-8B shapes against bf16 cuBLAS and the peers, in one run (GPU).
+
+Rows per (K×N, M): bf16 `F.linear` (cuBLAS); ours = the int8 GEMM with the fused epilogue (per-token scale,
+per-channel weight scale, bf16 out), the kernel the module dispatches to; ours+quant = the dynamic per-token
+quantization kernel (with the in-kernel Hadamard rotation the o/down projections use) plus that GEMM;
+`torch._int_mm` (cuBLASLt int8, K-major weight, int32 out, no epilogue, M > 16 only); fp8 rowwise
+`torch._scaled_mm` (pre-quantized inputs, bf16 out). Timing: CUDA-graph replay over weight copies that defeat
+L2 (primary) and `triton.testing.do_bench` eager with L2 flush.
+
+    python bench/gemm_int8.py --json docs/gemm_int8_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import copies_to_defeat_l2, eager_time_us, env_info, graph_time_us  # noqa: E402
+
+from hf_outliertune.kernels.act_quant import per_token_quant_triton  # noqa: E402
+from hf_outliertune.kernels.int8_matmul import int8_matmul_cuda, int8_matmul_tma, int8_matmul_triton  # noqa: E402
+from hf_outliertune.rotation import hadamard_block_size  # noqa: E402
+
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N): fused qkv, o, gate/up, down
+MS = [1, 16, 64, 256, 1024, 2048, 8192]
+
+
+def bench_shape(k: int, n: int, m: int, eager: bool) -> dict:
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    copies = copies_to_defeat_l2(n * k)  # sized on int8 weight bytes; bf16 copies are twice as large
+    w16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+    w8 = [torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8) for _ in range(copies)]
+    w_scale = torch.rand(n, device=dev) * 1e-3
+    codes, a_scale = per_token_quant_triton(x, 8)
+    block = hadamard_block_size(k)
+    variants = {
+        "bf16": [lambda w=w: F.linear(x, w) for w in w16],
+        "ours": [lambda w=w: int8_matmul_cuda(codes, w, w_scale, a_scale, None, torch.bfloat16) for w in w8],
+        "ours+quant": [lambda w=w: _quant_then_gemm(x, block, w, w_scale) for w in w8],
+        "ours_tiled": [lambda w=w: int8_matmul_triton(codes, w, w_scale, a_scale, None, torch.bfloat16) for w in w8],
+    }
+    if m >= 64:
+        variants["ours_tma"] = [lambda w=w: int8_matmul_tma(codes, w, w_scale, a_scale, None, torch.bfloat16)
+                                for w in w8]
+    if m > 16:
+        variants["_int_mm"] = [lambda w=w: torch._int_mm(codes, w.t()) for w in w8]
+    f8 = [w.to(torch.float8_e4m3fn) for w in w16[:copies]]
+    x8 = x.to(torch.float8_e4m3fn)
+    sa = torch.ones(m, 1, device=dev)
+    sb = torch.ones(1, n, device=dev)
+    variants["fp8_rowwise"] = [
+        lambda w=w: torch._scaled_mm(x8, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16) for w in f8
+    ]
+    row = {"K": k, "N": n, "M": m, "copies": copies, "graph_us": {}, "eager_us": {}}
+    for name, calls in variants.items():
+        try:
+            row["graph_us"][name] = graph_time_us(calls)
+            if eager:
+                row["eager_us"][name] = eager_time_us(calls[0])
+        except Exception as err:  # a peer that does not support this shape: record why
+            row.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err)[:160]}"
+    base = row["graph_us"]["bf16"]
+    row["speedup_vs_bf16"] = {name: base / t for name, t in row["graph_us"].items()}
+    row["ours_tops"] = 2 * m * n * k / row["graph_us"]["ours"] / 1e6
+    row["ours_weight_GBps"] = n * k / row["graph_us"]["ours"] / 1e3
+    return row
+
+
+def _quant_then_gemm(x: torch.Tensor, block: int, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """The dynamic layer's whole work: rotate + per-token quantize (one kernel), then the fused GEMM."""
+    codes, scale = per_token_quant_triton(x, 8, block)
+    return int8_matmul_cuda(codes, w, w_scale, scale, None, torch.bfloat16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default="gemm_int8.json")
+    parser.add_argument("--ms", type=int, nargs="*", default=MS)
+    parser.add_argument("--no-eager", action="store_true", help="skip the do_bench (eager) timings")
+    args = parser.parse_args()
+    rows = []
+    t0 = time.time()
+    print(f"{'K×N':>11} {'M':>5} | {'bf16 µs':>8} | " + " | ".join(
+        f"{v:>11}" for v in ("ours", "ours+quant", "ours_tiled", "ours_tma", "_int_mm", "fp8_rowwise")) + "  (speed-up vs bf16, CUDA graph)")
+    for k, n in SHAPES:
+        for m in args.ms:
+            row = bench_shape(k, n, m, eager=not args.no_eager)
+            rows.append(row)
+            sp = row["speedup_vs_bf16"]
+            cells = " | ".join(f"{sp[v]:>10.2f}x" if v in sp else f"{'-':>11}" for v in
+                               ("ours", "ours+quant", "ours_tiled", "ours_tma", "_int_mm", "fp8_rowwise"))
+            print(f"{k:>5}×{n:<5} {m:>5} | {row['graph_us']['bf16']:>8.1f} | {cells}  ({row['ours_tops']:.0f} TOPS)",
+                  flush=True)
+    out = {"env": env_info(), "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - t0, "rows": rows}
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.json} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
