@@ -18,13 +18,17 @@ import os
 import sys
 import time
 
+if "--autotune" in sys.argv:  # before the kernels are imported: search every config per shape
+    os.environ["HF_OUTLIERTUNE_AUTOTUNE"] = "1"
+
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import copies_to_defeat_l2, eager_time_us, env_info, graph_time_us  # noqa: E402
 
-from hf_outliertune.kernels.act_quant import per_token_quant_triton  # noqa: E402
+from hf_outliertune.kernels import int8_matmul as int8_matmul_module  # noqa: E402
+from hf_outliertune.kernels.act_quant import norm_quant_triton, per_token_quant_triton  # noqa: E402
 from hf_outliertune.kernels.int8_matmul import int8_matmul_cuda, int8_matmul_tma, int8_matmul_triton  # noqa: E402
 from hf_outliertune.rotation import hadamard_block_size  # noqa: E402
 
@@ -80,11 +84,31 @@ def _quant_then_gemm(x: torch.Tensor, block: int, w: torch.Tensor, w_scale: torc
     return int8_matmul_cuda(codes, w, w_scale, scale, None, torch.bfloat16)
 
 
+def bench_act_quant(ms: list[int]) -> list[dict]:
+    """The activation-quantization kernels alone: fused RMSNorm+quant, per-token, per-token with Hadamard."""
+    rows = []
+    print(f"\n{'K':>6} {'M':>5} | {'norm+quant µs':>13} | {'per-token µs':>12} | {'+Hadamard µs':>12} | GB/s (norm+quant)")
+    for k in (4096, 14336):
+        block = hadamard_block_size(k)
+        w = torch.rand(k, device="cuda") + 0.5
+        for m in ms:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_to_defeat_l2(3 * m * k))]
+            t_norm = graph_time_us([lambda x=x: norm_quant_triton(x, w, None, 1e-5, "rms", 0.0, None, 8) for x in xs])
+            t_tok = graph_time_us([lambda x=x: per_token_quant_triton(x, 8, 1) for x in xs])
+            t_had = graph_time_us([lambda x=x: per_token_quant_triton(x, 8, block) for x in xs])
+            rows.append({"K": k, "M": m, "hadamard_block": block, "norm_quant_us": t_norm, "per_token_us": t_tok,
+                         "per_token_hadamard_us": t_had})
+            print(f"{k:>6} {m:>5} | {t_norm:>13.1f} | {t_tok:>12.1f} | {t_had:>12.1f} | {3 * m * k / t_norm / 1e3:.0f}",
+                  flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="gemm_int8.json")
     parser.add_argument("--ms", type=int, nargs="*", default=MS)
     parser.add_argument("--no-eager", action="store_true", help="skip the do_bench (eager) timings")
+    parser.add_argument("--autotune", action="store_true", help="search all configs per shape; record the winners")
     args = parser.parse_args()
     rows = []
     t0 = time.time()
@@ -99,7 +123,11 @@ def main() -> None:
                                ("ours", "ours+quant", "ours_tiled", "ours_tma", "_int_mm", "fp8_rowwise"))
             print(f"{k:>5}×{n:<5} {m:>5} | {row['graph_us']['bf16']:>8.1f} | {cells}  ({row['ours_tops']:.0f} TOPS)",
                   flush=True)
-    out = {"env": env_info(), "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - t0, "rows": rows}
+    quant_rows = bench_act_quant(args.ms)
+    out = {"env": env_info(), "date": time.strftime("%Y-%m-%d"), "wall_s": time.time() - t0, "rows": rows,
+           "act_quant": quant_rows, "autotune": args.autotune,
+           "tuned_configs": [{"key": [str(v) for v in key], "config": {k: v for k, v in meta.items()
+                              if isinstance(v, int)}} for key, meta in int8_matmul_module._TUNED_META.items()]}
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {args.json} ({time.time() - t0:.0f} s)")

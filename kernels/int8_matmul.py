@@ -292,13 +292,41 @@ def int8_matmul_triton(
     if a.is_cuda and a.device.index != torch.cuda.current_device():
         device_ctx = torch.cuda.device(a.device)  # triton launches on the current device
     with device_ctx:
-        if meta is None:
+        if meta is None and autotune_enabled():
             autotuned[lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **flags)
             _TUNED_META[tune_key] = autotuned.best_config.all_kwargs()
         else:
+            if meta is None:
+                meta = _TUNED_META[tune_key] = _pretuned_meta(_TILED_PRETUNED, m)
             grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
             autotuned.fn[grid](*args, **flags, **meta)
     return c
+
+
+# Pre-tuned launch configs (H100, Triton 3.6; `bench/gemm_int8.py --autotune` re-derives them), keyed on the
+# smallest M bucket they serve: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). With these the first call
+# of a new shape launches at once; set HF_OUTLIERTUNE_AUTOTUNE=1 to search all configs per shape instead.
+_TILED_PRETUNED = {
+    1: (16, 32, 512, 4, 3),
+    32: (32, 64, 256, 4, 4),
+    64: (64, 64, 256, 4, 3),
+    128: (64, 128, 128, 4, 4),
+    256: (128, 128, 128, 8, 4),
+    1024: (128, 256, 128, 8, 3),
+}
+_TMA_PRETUNED = {1: (128, 128, 128, 8, 4), 2048: (128, 256, 128, 8, 3)}
+
+
+def autotune_enabled() -> bool:
+    """Search every config for each new shape (HF_OUTLIERTUNE_AUTOTUNE=1) instead of the pre-tuned table.
+    Under the interpreter there is a single config either way."""
+    return _interpret_mode() or os.environ.get("HF_OUTLIERTUNE_AUTOTUNE") == "1"
+
+
+def _pretuned_meta(table: dict[int, tuple], m: int) -> dict:
+    key = max(b for b in table if b <= max(m, 1))
+    bm, bn, bk, warps, stages = table[key]
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,7 +443,12 @@ def int8_matmul_tma(
     def grid(meta):
         return (min(num_sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
-    kernel[grid](*args, **flags)
+    if autotune_enabled():
+        kernel[grid](*args, **flags)
+        _TUNED_META[("tma", *args[-3:], *flags.values(), out_dtype)] = kernel.best_config.all_kwargs()
+    else:
+        meta = _pretuned_meta(_TMA_PRETUNED, m)
+        kernel.fn[grid(meta)](*args, **flags, **meta)
     return c
 
 
@@ -424,7 +457,7 @@ def int8_matmul_tma(
 # and free of host syncs, so it can be captured in CUDA graphs once autotuning has run.
 # ----------------------------------------------------------------------------------------------------
 
-TMA_MIN_M = 256  # from this many tokens the persistent TMA kernel wins; below it the narrow decode tiles
+TMA_MIN_M = 1024  # from this many tokens the persistent TMA kernel wins; below it the tiled kernel
 
 
 def int8_matmul_cuda(a, w, w_scale, a_scale, bias, out_dtype) -> torch.Tensor:

@@ -264,3 +264,12 @@ def test_tma_refuses_unaligned_operands():
     assert not mod.tma_supported(a, w, torch.float32)
     with pytest.raises(ValueError, match="int8_matmul_tma needs"):
         mod.int8_matmul_tma(a, w, w_scale)
+
+
+@pytest.mark.parametrize("table", ["_TILED_PRETUNED", "_TMA_PRETUNED"])
+def test_pretuned_configs_cover_every_m(table):
+    configs = getattr(mod, table)
+    for m in (1, 7, 16, 17, 64, 100, 300, 1024, 5000, 100_000):
+        meta = mod._pretuned_meta(configs, m)
+        assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= set(meta)
+        assert meta["BLOCK_M"] <= max(16, mod._bucket(m)) or table == "_TMA_PRETUNED"
