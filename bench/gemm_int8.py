@@ -27,7 +27,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import copies_to_defeat_l2, eager_time_us, env_info, graph_time_us  # noqa: E402
 
-from hf_outliertune.kernels import int8_matmul as int8_matmul_module  # noqa: E402
+import importlib  # noqa: E402
+
+int8_matmul_module = importlib.import_module("hf_outliertune.kernels.int8_matmul")
 from hf_outliertune.kernels.act_quant import norm_quant_triton, per_token_quant_triton  # noqa: E402
 from hf_outliertune.kernels.int8_matmul import int8_matmul_cuda, int8_matmul_tma, int8_matmul_triton  # noqa: E402
 from hf_outliertune.rotation import hadamard_block_size  # noqa: E402

@@ -3,8 +3,8 @@
 Without a GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set by conftest before triton
 is imported), where fp32 arithmetic is numpy's: the codes must then equal the reference's exactly. On a GPU the
 compiled kernels may reorder the row reductions and use approximate division, so codes may differ by one step
-in rare ties: at most 1, in under 0.5 % of entries (also for the in-kernel Hadamard rotation, whose sums run
-in another order than the reference's). Steps (per-token scales) within 1e-5 relative.
+in rare ties: at most 1, in under 0.5 % of entries (under 5 % for the in-kernel Hadamard rotation, whose
+second stage runs in TF32 on the GPU). Steps (per-token scales) within 1e-5 relative.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def assert_codes_match(got: torch.Tensor, ref: torch.Tensor, exact: bool = True) -> None:
+def assert_codes_match(got: torch.Tensor, ref: torch.Tensor, exact: bool = True, tie_fraction: float = 5e-3) -> None:
     assert got.dtype == torch.int8 and got.shape == ref.shape
     diff = (got.int() - ref.int()).abs()
     if CUDA or not exact:
-        assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < 5e-3
+        assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < tie_fraction
     else:
         assert torch.equal(got, ref)
 
@@ -74,8 +74,9 @@ def test_per_token_quant_matches_reference(block, k):
     x[2] = 0.0  # an all-zero row gets the minimum step, not NaN
     codes, step = aq.per_token_quant_triton(x, 8, block)
     ref_codes, ref_step = aq.per_token_quant_reference(x, 8, block)
-    # the in-kernel rotation (H_B1 ⊗ H_B2) sums in another order than the reference's dense x·H_B
-    assert_codes_match(codes, ref_codes, exact=block < 256)
+    # the in-kernel rotation (H_B1 ⊗ H_B2) sums in another order than the reference's dense x·H_B, and on the
+    # GPU its second stage runs in TF32 (≤ 0.06 of a step at the row maximum): more one-step ties flip there
+    assert_codes_match(codes, ref_codes, exact=block < 256, tie_fraction=0.05 if CUDA and block >= 256 else 5e-3)
     torch.testing.assert_close(step, ref_step, rtol=1e-5, atol=0)
     assert torch.isfinite(step).all() and step[2].item() == pytest.approx(aq.TINY)
 
