@@ -297,24 +297,24 @@ def int8_matmul_triton(
             _TUNED_META[tune_key] = autotuned.best_config.all_kwargs()
         else:
             if meta is None:
-                meta = _TUNED_META[tune_key] = _pretuned_meta(_TILED_PRETUNED, m)
+                table = _TILED_PRETUNED_NARROW if (m <= 16 and n <= 4096) else _TILED_PRETUNED
+                meta = _TUNED_META[tune_key] = _pretuned_meta(table, m)
             grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
             autotuned.fn[grid](*args, **flags, **meta)
     return c
 
 
-# Pre-tuned launch configs (H100, Triton 3.6; `bench/gemm_int8.py --autotune` re-derives them), keyed on the
-# smallest M bucket they serve: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). With these the first call
-# of a new shape launches at once; set HF_OUTLIERTUNE_AUTOTUNE=1 to search all configs per shape instead.
+# Pre-tuned launch configs: the winners of `bench/gemm_int8.py --autotune` on an H100 (Triton 3.6) at the
+# Llama-3-8B shapes, keyed on the smallest M they serve: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+# With them the first call of a new shape launches at once; HF_OUTLIERTUNE_AUTOTUNE=1 searches all configs.
 _TILED_PRETUNED = {
-    1: (16, 32, 512, 4, 3),
-    32: (32, 64, 256, 4, 4),
-    64: (64, 64, 256, 4, 3),
-    128: (64, 128, 128, 4, 4),
-    256: (128, 128, 128, 8, 4),
+    1: (16, 64, 512, 4, 3),
+    33: (16, 64, 256, 4, 4),
+    65: (64, 64, 128, 4, 5),
     1024: (128, 256, 128, 8, 3),
 }
-_TMA_PRETUNED = {1: (128, 128, 128, 8, 4), 2048: (128, 256, 128, 8, 3)}
+_TILED_PRETUNED_NARROW = {1: (16, 16, 512, 4, 4)}  # N ≤ 4096 at decode sizes: more programs than SMs
+_TMA_PRETUNED = {1: (128, 128, 128, 4, 4), 1024: (256, 128, 128, 8, 3)}
 
 
 def autotune_enabled() -> bool:

@@ -266,7 +266,7 @@ def test_tma_refuses_unaligned_operands():
         mod.int8_matmul_tma(a, w, w_scale)
 
 
-@pytest.mark.parametrize("table", ["_TILED_PRETUNED", "_TMA_PRETUNED"])
+@pytest.mark.parametrize("table", ["_TILED_PRETUNED", "_TILED_PRETUNED_NARROW", "_TMA_PRETUNED"])
 def test_pretuned_configs_cover_every_m(table):
     configs = getattr(mod, table)
     for m in (1, 7, 16, 17, 64, 100, 300, 1024, 5000, 100_000):
