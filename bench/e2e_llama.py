@@ -45,9 +45,10 @@ def build_bf16(layers: int) -> torch.nn.Module:
     config = AutoConfig.for_model("llama", num_hidden_layers=layers, **LLAMA3_8B)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
+@torch.no_grad()
 def to_random_w8a8(model: torch.nn.Module) -> OutlierTuneConfig:
     """Replace every decoder linear in place by an `OutlierTuneLinear` with the run-time layout of a calibrated one."""
     spec = resolve_arch(model)
