@@ -16,6 +16,8 @@ before training, after training (adapter unmerged), and for quantized bases afte
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 import hf_outliertune
 from hf_outliertune.evaluation import perplexity
@@ -38,7 +40,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 MODES: dict[str, dict[str, Any] | None] = {
     "fp32": None,
     "w8a8": dict(weight_bits=8, act_bits=8),
-    "w4": dict(act_bits=None, weight_bits=4, group_size=64, group_dim="adaptive"),
+    # RTN: AdaDim's GPTQ took 18 min on the shared 2-core CPU; the adaptive layout choice still runs
+    "w4": dict(act_bits=None, weight_bits=4, group_size=64, group_dim="adaptive", weight_algorithm="rtn"),
 }
 DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -58,7 +61,13 @@ class StepTimer(TrainerCallback):
 
 
 def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark of this process (Linux); False if unsupported."""
+    """Return freed heap to the OS, then reset this process's resident-set high-water mark (Linux; False if
+    unsupported), so the next peak counts live memory only."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -67,13 +76,13 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process since the last reset (VmHWM), in MiB."""
+def rss_mb(key: str) -> float:
+    """`VmRSS` (resident now) or `VmHWM` (peak since the last reset) of this process, in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def tensor_mb(model: torch.nn.Module) -> float:
@@ -87,15 +96,23 @@ def read_text(data_dir: str, rel: str) -> str:
         return f.read()
 
 
-def build_model(mode: str, calib: str, calib_samples: int) -> tuple[torch.nn.Module, Any, float]:
-    """The float SmolLM2, quantized in place unless mode is fp32; returns (model, tokenizer, quantize seconds)."""
+def build_model(mode: str, calib: str, calib_samples: int, cache: str | None) -> tuple[torch.nn.Module, Any, float | None]:
+    """The float SmolLM2, quantized in place unless mode is fp32, or the quantized checkpoint saved in
+    `cache/mode` by an earlier run; returns (model, tokenizer, quantize seconds or None when loaded)."""
+    saved = os.path.join(cache, mode) if cache and MODES[mode] is not None else None
+    if saved and os.path.isdir(saved):
+        return AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32), AutoTokenizer.from_pretrained(saved), None
     model, tokenizer = load_float_model()
     if MODES[mode] is None:
         return model, tokenizer, 0.0
     cfg = hf_outliertune.OutlierTuneConfig(dataset=[calib], num_samples=calib_samples, seq_len=512, **MODES[mode])
     start = time.perf_counter()
     hf_outliertune.quantize(model, cfg, tokenizer)
-    return model, tokenizer, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if saved:
+        model.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
+    return model, tokenizer, seconds
 
 
 def train_windows(tokenizer: Any, text: str, seq_len: int) -> list[dict[str, torch.Tensor]]:
@@ -108,7 +125,7 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     test = read_text(args.data, "wikitext-2-raw/wiki.test.raw")
     valid = read_text(args.data, "wikitext-2-raw/wiki.valid.raw")
-    model, tokenizer, quantize_s = build_model(mode, valid, args.calib_samples)
+    model, tokenizer, quantize_s = build_model(mode, valid, args.calib_samples, args.cache)
     base_mb = tensor_mb(model)
 
     def ppl(m: torch.nn.Module, desc: str) -> float:
@@ -140,9 +157,11 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(model=peft_model, args=training_args, callbacks=[timer],
                       train_dataset=train_windows(tokenizer, valid, args.seq_len))
     rss_reset = reset_peak_rss()
+    start_mb = rss_mb("VmRSS")
     result = trainer.train()
-    peak_mb = peak_rss_mb() if rss_reset else float("nan")
+    peak_mb = rss_mb("VmHWM") if rss_reset else float("nan")
     curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    peft_model.save_pretrained(os.path.join(args.workdir, mode, "adapter"))
     ppl_after = ppl(peft_model, "after")
     ppl_merged = None
     if MODES[mode] is not None:
@@ -157,8 +176,9 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         "rank": args.rank,
         "gradient_checkpointing": args.gradient_checkpointing,
         "trainable_params": trainable,
-        "quantize_s": round(quantize_s, 1),
+        "quantize_s": None if quantize_s is None else round(quantize_s, 1),
         "base_model_mb": round(base_mb, 1),
+        "rss_train_start_mb": round(start_mb, 1),
         "peak_rss_train_mb": round(peak_mb, 1),
         "step_s_median": round(statistics.median(timer.times[1:]), 3),
         "train_runtime_s": round(result.metrics["train_runtime"], 1),
@@ -182,15 +202,15 @@ def print_table(report: dict[str, Any]) -> None:
     rows = report["runs"]
     base = rows.get("fp32")
     print(f"\n{report['model']} — LoRA on WikiText-2 validation, {report['device']}, torch {report['torch']}\n")
-    print("| base | loss first→last logged | WikiText-2 ppl before | after (adapter) | after merge | "
-          "step s (median) | ×fp32 | peak RSS train MiB | base tensors MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| base | train loss first→last | WikiText-2 ppl before | after (adapter) | after merge | "
+          "step s (median) | ×fp32 | base tensors MiB | RSS at start MiB | peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, r in rows.items():
         ratio = f"{r['step_s_median'] / base['step_s_median']:.2f}" if base else "-"
         merged = "-" if r["ppl_merged"] is None else f"{r['ppl_merged']:.3f}"
         print(f"| {mode} | {mean_loss(r['loss_curve'], True):.3f} → {mean_loss(r['loss_curve'], False):.3f} | "
               f"{r['ppl_before']:.3f} | {r['ppl_after']:.3f} | {merged} | {r['step_s_median']:.2f} | {ratio} | "
-              f"{r['peak_rss_train_mb']:.0f} | {r['base_model_mb']:.0f} |")
+              f"{r['base_model_mb']:.0f} | {r['rss_train_start_mb']:.0f} | {r['peak_rss_train_mb']:.0f} |")
 
 
 def main() -> None:
@@ -210,6 +230,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=os.path.join("/tmp", "hf_outliertune_finetune"))
+    parser.add_argument("--cache", default=None, help="folder for the quantized checkpoints (reused when present)")
     args = parser.parse_args()
     if not args.table and args.mode is None:
         parser.error("pass --mode fp32|w8a8|w4 (or --table)")

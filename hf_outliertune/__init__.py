@@ -7,6 +7,7 @@ from .api import quantize
 from .config import FORMAT_VERSION, QUANT_METHOD, OutlierTuneConfig
 from .modules import OutlierTuneLinear
 from .quantizer import OutlierTuneHfQuantizer, register
+from . import peft_integration  # noqa: F401  (registers the LoRA layers with PEFT)
 
 register()
 

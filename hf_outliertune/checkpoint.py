@@ -7,7 +7,11 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
-_ST_DTYPES = {"I8": torch.int8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+from .config import MAX_GROUP_SIZE, MIN_GROUP_SIZE, WEIGHT_ONLY_BITS
+from .kernels.packing import group_params_shape, words_per_row
+from .weight_only_linear import WEIGHT_ONLY_ACT
+
+_ST_DTYPES = {"I8": torch.int8, "I32": torch.int32, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):
@@ -25,6 +29,14 @@ def expected_tensors(
         if fmt.get("act") == "float":
             out[f"{name}.bias"] = ((n_out,), floats)
             continue
+        if fmt.get("act") == WEIGHT_ONLY_ACT:
+            params = group_params_shape(n_out, n_in, fmt["group_size"], fmt["group_dim"])
+            out[f"{name}.qweight"] = ((n_out, words_per_row(fmt["bits"], n_in)), {torch.int32})
+            out[f"{name}.weight_scale"] = (params, {torch.float16})
+            out[f"{name}.weight_zero"] = (params, {torch.float16})
+            if fmt.get("bias"):
+                out[f"{name}.bias"] = ((n_out,), floats)
+            continue
         out[f"{name}.weight"] = ((n_out, n_in), {torch.int8})
         out[f"{name}.weight_scale"] = ((n_out,), {torch.float32})
         if fmt.get("bias"):
@@ -32,6 +44,18 @@ def expected_tensors(
         if fmt.get("offset"):
             out[f"{name}.input_offset"] = ((n_in,), {torch.float32})
     return out
+
+
+def check_weight_only_format(name: str, fmt: dict) -> None:
+    """Refuse a weight-only module format whose bits, group size or layout this version cannot rebuild."""
+    bits, size, dim = fmt.get("bits"), fmt.get("group_size"), fmt.get("group_dim")
+    valid_size = type(size) is int and MIN_GROUP_SIZE <= size <= MAX_GROUP_SIZE and not size & (size - 1)
+    if type(bits) is not int or bits not in WEIGHT_ONLY_BITS or not valid_size or dim not in ("oc", "ic"):
+        raise CheckpointError(
+            f"module_formats[{name!r}] = {fmt!r} is not a valid weight-only format (bits in {list(WEIGHT_ONLY_BITS)}, "
+            f"group_size a power of two in [{MIN_GROUP_SIZE}, {MAX_GROUP_SIZE}], group_dim 'oc' or 'ic'); the "
+            "config.json is corrupt or from another tool. Re-save the checkpoint."
+        )
 
 
 def verify_checkpoint(files: Iterable[str], expected: dict[str, tuple[tuple[int, ...], set[torch.dtype]]]) -> None:

@@ -22,12 +22,17 @@ from .config import (
     ACT_BITS,
     ACT_CLIPS,
     ACTIVATION_SCHEMES,
+    GROUP_DIMS,
     NON_NORM_ACTIVATIONS,
     WEIGHT_ALGORITHMS,
     WEIGHT_BITS,
+    WEIGHT_CLIPS,
+    WEIGHT_ONLY_BITS,
     OutlierTuneConfig,
 )
 from .evaluation import PerplexityResult, perplexity
+from .hub import push_quantized, save_quantized
+from .model_card import CardInputs
 from .models import DEFAULT_MODEL_NAME, default_model_path, load_float_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +76,15 @@ def optional_fraction(value: str) -> float | None:
     return number
 
 
+def optional_act_bits(value: str) -> int | None:
+    """An argparse `type` for --act-bits: one of `ACT_BITS`, or `none` (weight-only quantization)."""
+    if value.lower() == "none":
+        return None
+    if value not in [str(b) for b in ACT_BITS]:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {list(ACT_BITS)} or 'none'")
+    return int(value)
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and --dtype, shared by both subcommands."""
     parser.add_argument("--model", metavar="ID_OR_PATH_OR_GGUF",
@@ -92,16 +106,28 @@ def _add_quantize_parser(subparsers: Any) -> None:
     _add_model_args(p)
     p.add_argument("--calib", nargs="+", metavar="FILE",
                    help="calibration text file(s) (default: the --eval file, if given)")
-    p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=_config_default("weight_bits"),
-                   help="weight grid bits (default: %(default)s)")
-    p.add_argument("--act-bits", type=int, choices=ACT_BITS, default=_config_default("act_bits"),
-                   help="activation grid bits (default: %(default)s)")
+    p.add_argument("--weight-bits", type=int, choices=sorted({*WEIGHT_BITS, *WEIGHT_ONLY_BITS}),
+                   default=_config_default("weight_bits"),
+                   help=f"weight grid bits: {list(WEIGHT_BITS)} with --act-bits 8/6, {list(WEIGHT_ONLY_BITS)} with "
+                        "--act-bits none (default: %(default)s)")
+    p.add_argument("--act-bits", type=optional_act_bits, default=_config_default("act_bits"), metavar="8|6|none",
+                   help="activation grid bits, or none for weight-only AdaDim quantization (default: %(default)s)")
+    p.add_argument("--group-size", type=int, metavar="G",
+                   help="weight-only: values per group, a power of two in [16, 1024] (default: 128)")
+    p.add_argument("--group-dim", choices=GROUP_DIMS,
+                   help="weight-only: groups along input channels of a row (oc), output channels of a column (ic), "
+                        "or chosen per layer (adaptive, default)")
+    p.add_argument("--weight-clip", choices=WEIGHT_CLIPS,
+                   help="weight-only: full group range (minmax, default) or MSE-searched clip (mse)")
+    p.add_argument("--no-act-order", action="store_true",
+                   help="weight-only GPTQ: visit input channels in order instead of by decreasing Hessian diagonal")
     p.add_argument("--no-symmetrize", action="store_true",
                    help="do not shift norm-fed channels by the midpoint of their calibrated range")
     p.add_argument("--activation-scheme", choices=ACTIVATION_SCHEMES, default=_config_default("activation_scheme"),
                    help="outliertune, or a smoothquant / per_token baseline (default: %(default)s)")
-    p.add_argument("--weight-algorithm", choices=WEIGHT_ALGORITHMS, default=_config_default("weight_algorithm"),
-                   help="weight rounding (default: %(default)s)")
+    p.add_argument("--weight-algorithm", "--algorithm", choices=WEIGHT_ALGORITHMS, default=_config_default("weight_algorithm"),
+                   help="weight rounding: absmax/mse/gptq with --act-bits 8/6, rtn/gptq weight-only "
+                        "(default: %(default)s)")
     p.add_argument("--act-clip", choices=ACT_CLIPS, default=_config_default("act_clip"),
                    help="static activation range: raw max or MSE-searched clip (default: %(default)s)")
     p.add_argument("--non-norm-activations", choices=NON_NORM_ACTIVATIONS,
@@ -119,7 +145,13 @@ def _add_quantize_parser(subparsers: Any) -> None:
                    help="calibration sequences (default: %(default)s)")
     p.add_argument("--seq-len", type=int_at_least(2), default=DEFAULT_SEQ_LEN, metavar="N",
                    help="tokens per calibration sequence (default: %(default)s)")
-    p.add_argument("--output", metavar="DIR", help="save the quantized model and tokenizer to DIR")
+    p.add_argument("--output", metavar="DIR", help="save the quantized model, tokenizer and model card to DIR")
+    p.add_argument("--push-to-hub", metavar="REPO_ID",
+                   help="upload the quantized model, tokenizer and model card to this Hub repository (one commit)")
+    p.add_argument("--hub-revision", metavar="BRANCH", help="branch to push to (default: main; created if missing)")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    p.add_argument("--base-model", metavar="HUB_ID",
+                   help="Hub id of the quantized float model, for the model card when --model is a local path or GGUF")
     p.add_argument("--eval", metavar="FILE", help="text file to measure perplexity on, before and after quantizing")
     p.add_argument("--eval-seq-len", type=int_at_least(2), default=DEFAULT_SEQ_LEN, metavar="N",
                    help="tokens per perplexity window (default: %(default)s)")
@@ -184,6 +216,10 @@ def build_config(args: argparse.Namespace, texts: list[str]) -> OutlierTuneConfi
         rotate_dynamic=not args.no_rotate,
         gptq_damp=args.gptq_damp,
         gptq_quantized_inputs=not args.no_gptq_quantized_inputs,
+        group_size=args.group_size,
+        group_dim=args.group_dim,
+        weight_clip=args.weight_clip,
+        act_order=not args.no_act_order,
         dataset=texts,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
@@ -196,6 +232,11 @@ def describe_setting(config: Any) -> str:
         return "float"
     if not isinstance(config, OutlierTuneConfig):
         return str(getattr(config, "quant_method", type(config).__name__))
+    if config.weight_only:
+        details = [config.weight_algorithm, f"{config.weight_clip} clip"] + (
+            ["no act-order"] if not config.act_order else []
+        )
+        return f"W{config.weight_bits} g{config.group_size} {config.group_dim} ({', '.join(details)})"
     details = [config.weight_algorithm]
     if config.uses_static_activations:
         details += [f"{config.act_clip} clip"] + (["sym"] if config.symmetrize else [])
@@ -266,12 +307,31 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
             [[model_name, setting, f"{before.perplexity:.3f}", f"{after.perplexity:.3f}",
               f"{figures['ratio']:.4f}", _windows(after)]],
         ))
-    if args.output:
-        model.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
+    card = card_inputs(args, figures)
+    if args.output:  # before a push, so a failed upload loses nothing
+        save_quantized(model, args.output, tokenizer, card)
         figures["output"] = args.output
         print(f"saved the quantized model to {args.output}")
+    if args.push_to_hub:
+        info = push_quantized(model, args.push_to_hub, tokenizer, card, revision=args.hub_revision,
+                              private=True if args.private else None)
+        figures["hub"] = {"repo_id": info.repo_url.repo_id, "commit": info.oid, "url": info.commit_url}
+        print(f"pushed to {info.repo_url.repo_id} (commit {info.oid})")
     return figures
+
+
+def card_inputs(args: argparse.Namespace, figures: dict[str, Any]) -> CardInputs:
+    """What the model card states beyond the config: base model, calibration and evaluation files, measurements."""
+    source = args.model or default_model_path()
+    calib = args.calib or ([args.eval] if args.eval else [])
+    measured = "ppl_quantized" in figures
+    return CardInputs(
+        base_model=args.base_model or source,
+        base_source=source if args.base_model else None,
+        calibration_data=", ".join(f"`{os.path.basename(path)}`" for path in calib) or None,
+        evaluation=figures if measured else None,
+        eval_data=f"`{os.path.basename(args.eval)}`" if measured else None,
+    )
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -286,9 +346,21 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": model_name, "setting": setting, "dtype": args.dtype, "ppl": result.as_dict()}
 
 
+def check_bit_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a --weight-bits the --act-bits mode does not offer as a usage error (exit code 2)."""
+    allowed = WEIGHT_ONLY_BITS if args.act_bits is None else WEIGHT_BITS
+    if args.weight_bits not in allowed:
+        hint = "" if args.act_bits is None else "; for weight-only quantization pass --act-bits none"
+        parser.error(f"--weight-bits {args.weight_bits} is not available with --act-bits "
+                     f"{'none' if args.act_bits is None else args.act_bits}: choose from {list(allowed)}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `hf-outliertune` and `python -m hf_outliertune`; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "quantize":
+        check_bit_widths(parser, args)
     try:
         write_json(args.json, args.func(args))
     except (ValueError, OSError) as err:

@@ -8,12 +8,21 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "hf_outliertune"
-FORMAT_VERSION = 1
+# 1: W8A8/W6A6 (int8 weights). 2: adds the weight-only layout (packed low-bit codes, fp16 scales/zeros).
+FORMAT_VERSION = 2
 
-WEIGHT_BITS = (8, 6)
+WEIGHT_BITS = (8, 6)  # with activation quantization (act_bits set)
 ACT_BITS = (8, 6)
+WEIGHT_ONLY_BITS = (2, 3, 4, 8)  # weight-only mode (act_bits=None)
 ACTIVATION_SCHEMES = ("outliertune", "smoothquant", "per_token")
-WEIGHT_ALGORITHMS = ("absmax", "mse", "gptq")
+WEIGHT_ALGORITHMS = ("absmax", "mse", "gptq", "rtn")
+W8A8_WEIGHT_ALGORITHMS = ("absmax", "mse", "gptq")
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "gptq")
+GROUP_DIMS = ("oc", "ic", "adaptive")
+WEIGHT_CLIPS = ("minmax", "mse")
+MIN_GROUP_SIZE, MAX_GROUP_SIZE = 16, 1024
+# weight-only defaults, filled in when act_bits=None and the field is left unset
+WEIGHT_ONLY_DEFAULTS = {"group_size": 128, "group_dim": "adaptive", "weight_clip": "minmax"}
 ACT_CLIPS = ("max", "mse")
 NON_NORM_ACTIVATIONS = ("per_token", "static")
 
@@ -32,11 +41,15 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 class OutlierTuneConfig(QuantizationConfigMixin):
-    """Configuration of OutlierTune W8A8 / W6A6 quantization.
+    """Configuration of OutlierTune W8A8 / W6A6 quantization, or of AdaDim weight-only quantization.
+
+    Two modes. With ``act_bits`` 8 or 6, OutlierTune: static per-channel activations, symmetric per-output-channel
+    int8 weights. With ``act_bits=None``, weight-only (AdaDim): asymmetric min-max groups with zero points,
+    packed 2/3/4/8-bit codes, activations stay in floating point; the activation fields below are then unused.
 
     Args:
-        weight_bits: bits of the symmetric per-output-channel weight grid (8 or 6).
-        act_bits: bits of the activation grid (8 or 6).
+        weight_bits: bits of the weight grid: 8 or 6 with activation quantization; 2, 3, 4 or 8 weight-only.
+        act_bits: bits of the activation grid (8 or 6), or ``None`` for weight-only quantization.
         symmetrize: shift each norm-fed channel by the midpoint of its calibrated range before quantizing.
         activation_scheme: ``"outliertune"`` (static per-channel steps folded into norm and weights),
             ``"smoothquant"`` (SmoothQuant migration, then dynamic per-token) or ``"per_token"``
@@ -52,11 +65,23 @@ class OutlierTuneConfig(QuantizationConfigMixin):
             (weights rotated offline), which spreads single-channel outliers over the block.
         act_clip: ``"max"`` (raw calibrated range) or ``"mse"`` (per-channel clipping search) for the
             static activation steps.
-        weight_algorithm: ``"absmax"``, ``"mse"`` (searched clip per output channel) or ``"gptq"``.
+        weight_algorithm: with activation quantization ``"absmax"``, ``"mse"`` (searched clip per output
+            channel) or ``"gptq"``; weight-only ``"rtn"`` (round to nearest) or ``"gptq"``.
         gptq_damp: GPTQ Hessian damping as a fraction of the mean diagonal.
+        group_size: weight-only: values per quantization group, a power of two in [16, 1024] (default 128); a
+            dimension that is not a multiple of it ends with a smaller group.
+        group_dim: weight-only: ``"oc"`` (a group is `group_size` consecutive input channels of one output row,
+            the usual layout), ``"ic"`` (consecutive output channels of one input column, which isolates input
+            channels with activation outliers) or ``"adaptive"`` (AdaDim: per layer, the one whose quantized
+            output is closer to the float one on the calibration data; default).
+        weight_clip: weight-only: ``"minmax"`` (each group's full range; default) or ``"mse"`` (per group, the
+            range shrink that minimises the activation-weighted squared error).
+        act_order: GPTQ visits input channels by decreasing Hessian diagonal (with per-OC groups this fixes the
+            group grids on the original weight: static groups). Only weight-only mode can turn it off.
         gptq_quantized_inputs: run GPTQ on the layer's *quantized* inputs with the float outputs as target
             (a least-squares weight correction, then GPTQ), so weights compensate activation rounding.
-        dataset: calibration texts (list of strings) or a path to a text file.
+        dataset: calibration texts (list of strings) or a path to a text file. Not needed for weight-only RTN
+            with a fixed `group_dim` and min-max groups (see `needs_calibration`).
         tokenizer: tokenizer object or a name/path `AutoTokenizer` can load; defaults to the model's.
         num_samples: number of calibration sequences.
         seq_len: tokens per calibration sequence.
@@ -70,7 +95,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
     def __init__(
         self,
         weight_bits: int = 8,
-        act_bits: int = 8,
+        act_bits: int | None = 8,
         symmetrize: bool = True,
         activation_scheme: str = "outliertune",
         smoothquant_alpha: float = 0.5,
@@ -81,6 +106,10 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         weight_algorithm: str = "gptq",
         gptq_damp: float = 0.1,
         gptq_quantized_inputs: bool = True,
+        group_size: int | None = None,
+        group_dim: str | None = None,
+        weight_clip: str | None = None,
+        act_order: bool = True,
         dataset: list[str] | str | None = None,
         tokenizer: Any = None,
         num_samples: int = 64,
@@ -106,6 +135,10 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         self.weight_algorithm = weight_algorithm
         self.gptq_damp = gptq_damp
         self.gptq_quantized_inputs = gptq_quantized_inputs
+        self.group_size = group_size
+        self.group_dim = group_dim
+        self.weight_clip = weight_clip
+        self.act_order = act_order
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.num_samples = num_samples
@@ -123,15 +156,18 @@ class OutlierTuneConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field; raise `ValueError` naming the field and the allowed values."""
-        _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
-        _check_choice("act_bits", self.act_bits, ACT_BITS)
+        _check_choice("act_bits", self.act_bits, (*ACT_BITS, None))
+        _check_choice("act_order", self.act_order, (True, False))
+        if self.weight_only:
+            self._check_weight_only()
+        else:
+            self._check_weight_and_activation()
         _check_choice("symmetrize", self.symmetrize, (True, False))
         _check_choice("rotate_dynamic", self.rotate_dynamic, (True, False))
         _check_choice("gptq_quantized_inputs", self.gptq_quantized_inputs, (True, False))
         _check_choice("non_norm_activations", self.non_norm_activations, NON_NORM_ACTIVATIONS)
         _check_choice("activation_scheme", self.activation_scheme, ACTIVATION_SCHEMES)
         _check_choice("act_clip", self.act_clip, ACT_CLIPS)
-        _check_choice("weight_algorithm", self.weight_algorithm, WEIGHT_ALGORITHMS)
         if not isinstance(self.smoothquant_alpha, (int, float)) or not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ValueError(
                 f"OutlierTuneConfig.smoothquant_alpha={self.smoothquant_alpha!r} is invalid; it must be in [0, 1]."
@@ -164,10 +200,74 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         ):
             raise ValueError("OutlierTuneConfig.modules_to_not_convert must be a list of module names (strings).")
 
+    def _check_weight_only(self) -> None:
+        """Weight-only mode: bits, algorithm and group fields; unset group fields get their defaults."""
+        if not any(self.weight_bits == b and type(self.weight_bits) is int for b in WEIGHT_ONLY_BITS):
+            raise ValueError(
+                f"OutlierTuneConfig.weight_bits={self.weight_bits!r} is invalid in weight-only mode (act_bits=None); "
+                f"allowed values: {list(WEIGHT_ONLY_BITS)}."
+            )
+        if self.weight_algorithm not in WEIGHT_ONLY_ALGORITHMS:
+            hint = " (for a clip search use weight_clip='mse')" if self.weight_algorithm in WEIGHT_ALGORITHMS else ""
+            raise ValueError(
+                f"OutlierTuneConfig.weight_algorithm={self.weight_algorithm!r} is invalid in weight-only mode "
+                f"(act_bits=None); allowed values: {list(WEIGHT_ONLY_ALGORITHMS)}{hint}."
+            )
+        for name, default in WEIGHT_ONLY_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        _check_choice("group_dim", self.group_dim, GROUP_DIMS)
+        _check_choice("weight_clip", self.weight_clip, WEIGHT_CLIPS)
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or not MIN_GROUP_SIZE <= g <= MAX_GROUP_SIZE or g & (g - 1):
+            raise ValueError(
+                f"OutlierTuneConfig.group_size={g!r} is invalid; it must be a power of two in "
+                f"[{MIN_GROUP_SIZE}, {MAX_GROUP_SIZE}] (e.g. 64 or 128). A dimension that is not a multiple of it "
+                "ends with a smaller group."
+            )
+
+    def _check_weight_and_activation(self) -> None:
+        """W8A8/W6A6 mode: weight bits and algorithm; the weight-only fields must stay unset."""
+        if self.weight_bits in WEIGHT_ONLY_BITS and self.weight_bits not in WEIGHT_BITS and type(self.weight_bits) is int:
+            raise ValueError(
+                f"OutlierTuneConfig.weight_bits={self.weight_bits} needs weight-only mode: pass act_bits=None "
+                f"(AdaDim grouped weights). With act_bits={self.act_bits} the weight grid is one of {list(WEIGHT_BITS)}."
+            )
+        _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
+        if self.weight_algorithm == "rtn":
+            raise ValueError(
+                "OutlierTuneConfig.weight_algorithm='rtn' is the weight-only mode's rounding (act_bits=None); with "
+                f"activation quantization use one of {list(W8A8_WEIGHT_ALGORITHMS)} ('absmax' is plain rounding)."
+            )
+        _check_choice("weight_algorithm", self.weight_algorithm, W8A8_WEIGHT_ALGORITHMS)
+        for name in WEIGHT_ONLY_DEFAULTS:
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"OutlierTuneConfig.{name}={getattr(self, name)!r} only applies to weight-only quantization "
+                    f"(act_bits=None); with act_bits={self.act_bits} weights have one step per output channel. "
+                    f"Remove {name} or pass act_bits=None."
+                )
+        if not self.act_order:
+            raise ValueError(
+                "OutlierTuneConfig.act_order=False is only supported in weight-only mode (act_bits=None); W8A8/W6A6 "
+                "GPTQ always uses act-order."
+            )
+
+    @property
+    def weight_only(self) -> bool:
+        """True in weight-only (AdaDim) mode: `act_bits=None`, activations stay in floating point."""
+        return self.act_bits is None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """False only for weight-only RTN with fixed layout and min-max groups, which needs no data at all."""
+        data_free = self.weight_algorithm == "rtn" and self.group_dim != "adaptive" and self.weight_clip == "minmax"
+        return not (self.weight_only and data_free)
+
     @property
     def uses_static_activations(self) -> bool:
         """True when norm-fed linears get static per-channel activation steps (the OutlierTune path)."""
-        return self.activation_scheme == "outliertune"
+        return not self.weight_only and self.activation_scheme == "outliertune"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict; the calibration texts and tokenizer object are summarised, not stored."""

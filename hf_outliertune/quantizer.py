@@ -16,11 +16,14 @@ from transformers.quantizers.auto import (
 )
 
 from .calibration import CalibrationError, load_texts
-from .checkpoint import CheckpointError, expected_tensors, verify_checkpoint
+from .checkpoint import CheckpointError, check_weight_only_format, expected_tensors, verify_checkpoint
 from .config import FORMAT_VERSION, QUANT_METHOD, OutlierTuneConfig
 from .fusion import fuse_norm_quant
+from .hub import attach
 from .modules import ACT_MODES, OutlierTuneLinear
 from .pipeline import quantize_model
+from .weight_only_linear import WEIGHT_ONLY_ACT, WeightOnlyLinear
+from .weight_only_pipeline import quantize_weight_only
 
 
 class OutlierTuneHfQuantizer(HfQuantizer):
@@ -29,7 +32,7 @@ class OutlierTuneHfQuantizer(HfQuantizer):
     requires_calibration = False
 
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
-        if not self.pre_quantized:
+        if not self.pre_quantized and self.quantization_config.needs_calibration:
             load_texts(self.quantization_config.dataset)  # fail before loading weights, not after
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("hf-outliertune does not support disk offload; use a device_map without 'disk'.")
@@ -53,24 +56,25 @@ class OutlierTuneHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             apply_quantization(model, self.quantization_config)
         fuse_norm_quant(model)
+        attach(model)  # save_pretrained / push_to_hub write complete repositories (hub.py)
 
     def is_serializable(self) -> bool:
         return True
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        return True  # LoRA adapters train on top (peft_integration.py); the quantized weights stay frozen
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        return True  # the kernels are torch custom ops with fake implementations, safe in CUDA graphs
 
 
 def replace_linears(
     model: nn.Module, module_formats: dict[str, dict[str, Any]], config: OutlierTuneConfig
 ) -> dict[str, tuple[int, int]]:
-    """Swap the named `nn.Linear`s for empty `OutlierTuneLinear`s (or give float readers of a folded norm the
-    bias the fold created); return their (out, in) shapes."""
+    """Swap the named `nn.Linear`s for empty `OutlierTuneLinear`s / `WeightOnlyLinear`s (or give float readers of
+    a folded norm the bias the fold created); return their (out, in) shapes."""
     shapes = {}
     for name, fmt in module_formats.items():
         try:
@@ -83,9 +87,9 @@ def replace_linears(
                 f"{type(model).__name__}; the checkpoint does not match the model's architecture."
             )
         act = fmt.get("act") if isinstance(fmt, dict) else None
-        if act not in (*ACT_MODES, "float"):
+        if act not in (*ACT_MODES, "float", WEIGHT_ONLY_ACT):
             raise CheckpointError(
-                f"module_formats[{name!r}] = {fmt!r} has no valid 'act' (one of {[*ACT_MODES, 'float']}); "
+                f"module_formats[{name!r}] = {fmt!r} has no valid 'act' (one of {[*ACT_MODES, 'float', WEIGHT_ONLY_ACT]}); "
                 "the config.json is corrupt or from another tool. Re-save the checkpoint."
             )
         shapes[name] = (linear.out_features, linear.in_features)
@@ -93,6 +97,12 @@ def replace_linears(
             if linear.bias is None:
                 linear.bias = nn.Parameter(torch.empty(linear.out_features, device=linear.weight.device,
                                                        dtype=linear.weight.dtype))
+            continue
+        if act == WEIGHT_ONLY_ACT:
+            check_weight_only_format(name, fmt)
+            new = WeightOnlyLinear(linear.in_features, linear.out_features, bool(fmt.get("bias")), fmt["bits"],
+                                   fmt["group_size"], fmt["group_dim"], linear.weight.dtype, linear.weight.device)
+            model.set_submodule(name, new)
             continue
         with torch.device(linear.weight.device):
             new = OutlierTuneLinear(
@@ -125,14 +135,16 @@ def resolve_tokenizer(tokenizer: Any, model: nn.Module) -> Any:
 
 def apply_quantization(model: nn.Module, config: OutlierTuneConfig) -> None:
     """Run the calibration pipeline and record what a reload needs in `config`."""
-    tokenizer = resolve_tokenizer(config.tokenizer, model)
-    config.module_formats = quantize_model(model, config, tokenizer)
+    tokenizer = resolve_tokenizer(config.tokenizer, model) if config.needs_calibration else None
+    run = quantize_weight_only if config.weight_only else quantize_model
+    config.module_formats = run(model, config, tokenizer)
     config.format_version = FORMAT_VERSION
     config.calibration_summary = {
         "num_samples": config.num_samples,
         "seq_len": config.seq_len,
         "tokens": config.num_samples * config.seq_len,
-    }
+    } if config.needs_calibration else None
+    attach(model)  # also for hf_outliertune.quantize(), which does not pass through the quantizer
 
 
 def register() -> None:

@@ -88,7 +88,7 @@ def test_invalid_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture
 def test_python_dash_m() -> None:
     result = subprocess.run([sys.executable, "-m", "hf_outliertune", "quantize", "--help"],
                             capture_output=True, text=True, check=True)
-    assert "--weight-bits {8,6}" in result.stdout and "--calib FILE" in result.stdout
+    assert "--weight-bits" in result.stdout and "--calib FILE" in result.stdout
 
 
 def test_method_flags_reach_the_config():
