@@ -4,9 +4,11 @@ One mode per process, so the peak memory measured is that mode's own; each run a
 and prints the table of every row the file holds (the record in docs/finetuning.md):
 
     python bench/finetune.py --mode fp32 --json docs/finetune_cpu.json
-    python bench/finetune.py --mode w8a8 --json docs/finetune_cpu.json
-    python bench/finetune.py --mode w4   --json docs/finetune_cpu.json
+    python bench/finetune.py --mode w8a8 --json docs/finetune_cpu.json --cache /tmp/ft_cache
+    python bench/finetune.py --mode w4   --json docs/finetune_cpu.json --cache /tmp/ft_cache
     python bench/finetune.py --table --json docs/finetune_cpu.json   # print the table only
+
+The defaults are the settings of the recorded CPU run (one thread: on shared cores two threads were far slower).
 
 Every mode trains the same LoRA (same targets, rank, data order, schedule) with the transformers `Trainer`;
 perplexity is the package protocol (first `--eval-windows` windows of 512 tokens of WikiText-2 test), measured
@@ -96,12 +98,15 @@ def read_text(data_dir: str, rel: str) -> str:
         return f.read()
 
 
-def build_model(mode: str, calib: str, calib_samples: int, cache: str | None) -> tuple[torch.nn.Module, Any, float | None]:
+def build_model(
+    mode: str, calib: str, calib_samples: int, cache: str | None
+) -> tuple[torch.nn.Module, Any, float | None]:
     """The float SmolLM2, quantized in place unless mode is fp32, or the quantized checkpoint saved in
     `cache/mode` by an earlier run; returns (model, tokenizer, quantize seconds or None when loaded)."""
     saved = os.path.join(cache, mode) if cache and MODES[mode] is not None else None
     if saved and os.path.isdir(saved):
-        return AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32), AutoTokenizer.from_pretrained(saved), None
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(saved), None
     model, tokenizer = load_float_model()
     if MODES[mode] is None:
         return model, tokenizer, 0.0
@@ -192,6 +197,20 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def remeasure_merge(mode: str, args: argparse.Namespace) -> float:
+    """WikiText-2 ppl after `merge_and_unload` of the adapter a finished run saved (cached quantized base)."""
+    from peft import PeftModel
+
+    saved = os.path.join(args.cache or "", mode)
+    if MODES[mode] is None or not os.path.isdir(saved):
+        raise SystemExit(f"--merge-only needs a quantized mode whose checkpoint is in --cache (no {saved}).")
+    base = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, os.path.join(args.workdir, mode, "adapter")).merge_and_unload()
+    text = read_text(args.data, "wikitext-2-raw/wiki.test.raw")
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    return perplexity(model.eval(), tokenizer, text, max_windows=args.eval_windows).perplexity
+
+
 def mean_loss(curve: list, first: bool, n: int = 3) -> float:
     losses = [loss for _, loss in curve]
     part = losses[:n] if first else losses[-n:]
@@ -217,18 +236,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=list(MODES), help="which base model to fine-tune (one per process)")
     parser.add_argument("--table", action="store_true", help="only print the table of --json")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="re-measure only the merged ppl of --mode from its saved adapter (after a merge change)")
     parser.add_argument("--json", default="finetune.json")
     parser.add_argument("--data", default=DATA_DIR, help="folder holding wikitext-2-raw/")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--eval-windows", type=int, default=16, help="the package protocol uses 40")
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512 tokens")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default=os.path.join("/tmp", "hf_outliertune_finetune"))
     parser.add_argument("--cache", default=None, help="folder for the quantized checkpoints (reused when present)")
     args = parser.parse_args()
@@ -245,7 +266,12 @@ def main() -> None:
             model=DEFAULT_MODEL_NAME, date=date.today().isoformat(), device=f"CPU ({platform.processor() or 'cpu'}, "
             f"{args.threads} threads)", torch=torch.__version__, transformers=transformers.__version__,
         )
-        report["runs"][args.mode] = run(args.mode, args)
+        if args.merge_only:
+            row = report["runs"][args.mode]
+            row["ppl_merged"] = round(remeasure_merge(args.mode, args), 3)
+            row["merge_remeasured"] = date.today().isoformat()
+        else:
+            report["runs"][args.mode] = run(args.mode, args)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     print_table(report)

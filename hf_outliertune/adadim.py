@@ -25,6 +25,7 @@ from .quant_math import CLIP_RATIOS, _upper_cholesky_of_inverse
 GROUP_LAYOUTS = ("oc", "ic")
 _SCALE_FLOOR = 1e-7  # smallest step kept (an fp16 subnormal): all-equal groups still get a finite, nonzero step
 _FP16_MAX = 65504.0
+_CLIP_CHUNK = 1 << 22  # values evaluated at once by the clip search (all ratios × a chunk of rows)
 
 
 @dataclass
@@ -126,21 +127,27 @@ def row_group_params(
     """
     xg = _pad_groups(x.float(), group_size)
     lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)
-    step, zero = _grid_params(lo, hi, bits)
     if not clip:
-        return step, zero
+        return _grid_params(lo, hi, bits)
     r, length = x.shape
     weight = torch.ones(r, length, device=x.device) if importance is None else importance.float().expand(r, length)
     wg = torch.cat([weight, weight.new_zeros(r, xg.shape[1] * group_size - length)], dim=1).reshape(xg.shape)
-    best_err = torch.full_like(step, float("inf"))
-    for ratio in CLIP_RATIOS:
-        s, z = _grid_params(lo * ratio, hi * ratio, bits)
-        deq = (_grouped_codes(xg, s, z, bits) - z[..., None]) * s[..., None]
-        err = ((deq - xg).pow(2) * wg).sum(dim=-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        step, zero = torch.where(better, s, step), torch.where(better, z, zero)
-    return step, zero
+    ratios = torch.tensor(CLIP_RATIOS, device=x.device)[:, None, None]
+    rows = max(1, _CLIP_CHUNK // (len(CLIP_RATIOS) * xg[0].numel()))  # all ratios at once, rows in chunks
+    params = [_best_clip(xg[i : i + rows], wg[i : i + rows], lo[i : i + rows], hi[i : i + rows], ratios, bits)
+              for i in range(0, r, rows)]
+    return torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
+
+
+def _best_clip(
+    xg: torch.Tensor, wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the grid of the shrink ratio with the least weighted squared error (the first ratio, 1.0,
+    on ties)."""
+    step, zero = _grid_params(lo * ratios, hi * ratios, bits)  # (ratios, R, G)
+    deq = (_grouped_codes(xg, step, zero, bits) - zero[..., None]) * step[..., None]
+    best = ((deq - xg).pow(2) * wg).sum(dim=-1).argmin(dim=0, keepdim=True)
+    return step.gather(0, best)[0], zero.gather(0, best)[0]
 
 
 def row_group_codes(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

@@ -118,7 +118,8 @@ def _add_quantize_parser(subparsers: Any) -> None:
                    help="weight-only: groups along input channels of a row (oc), output channels of a column (ic), "
                         "or chosen per layer (adaptive, default)")
     p.add_argument("--weight-clip", choices=WEIGHT_CLIPS,
-                   help="weight-only: full group range (minmax, default) or MSE-searched clip (mse)")
+                   help="weight-only: MSE-searched clip of each group's range (mse, default) or its full range "
+                        "(minmax; with rtn and a fixed --group-dim this needs no calibration data)")
     p.add_argument("--no-act-order", action="store_true",
                    help="weight-only GPTQ: visit input channels in order instead of by decreasing Hessian diagonal")
     p.add_argument("--no-symmetrize", action="store_true",
@@ -138,7 +139,8 @@ def _add_quantize_parser(subparsers: Any) -> None:
     p.add_argument("--no-rotate", action="store_true",
                    help="no block-Hadamard rotation of the per-token-quantized inputs")
     p.add_argument("--gptq-damp", type=float, default=_config_default("gptq_damp"),
-                   help="GPTQ damping, fraction of the mean Hessian diagonal (default: %(default)s)")
+                   help="GPTQ damping, fraction of the mean Hessian diagonal (default: 0.1 with activation "
+                        "quantization, 0.01 weight-only)")
     p.add_argument("--no-gptq-quantized-inputs", action="store_true",
                    help="run GPTQ on float inputs instead of the quantized inputs the layer will see")
     p.add_argument("--num-samples", type=int_at_least(1), default=DEFAULT_NUM_SAMPLES, metavar="N",

@@ -22,7 +22,8 @@ GROUP_DIMS = ("oc", "ic", "adaptive")
 WEIGHT_CLIPS = ("minmax", "mse")
 MIN_GROUP_SIZE, MAX_GROUP_SIZE = 16, 1024
 # weight-only defaults, filled in when act_bits=None and the field is left unset
-WEIGHT_ONLY_DEFAULTS = {"group_size": 128, "group_dim": "adaptive", "weight_clip": "minmax"}
+WEIGHT_ONLY_DEFAULTS = {"group_size": 128, "group_dim": "adaptive", "weight_clip": "mse"}
+GPTQ_DAMP_DEFAULTS = {"weight_only": 0.01, "weight_and_activation": 0.1}
 ACT_CLIPS = ("max", "mse")
 NON_NORM_ACTIVATIONS = ("per_token", "static")
 
@@ -67,15 +68,16 @@ class OutlierTuneConfig(QuantizationConfigMixin):
             static activation steps.
         weight_algorithm: with activation quantization ``"absmax"``, ``"mse"`` (searched clip per output
             channel) or ``"gptq"``; weight-only ``"rtn"`` (round to nearest) or ``"gptq"``.
-        gptq_damp: GPTQ Hessian damping as a fraction of the mean diagonal.
+        gptq_damp: GPTQ Hessian damping as a fraction of the mean diagonal; default 0.1 with activation quantization
+            (where it is also the ridge of the least-squares correction), 0.01 weight-only (GPTQ's usual value).
         group_size: weight-only: values per quantization group, a power of two in [16, 1024] (default 128); a
             dimension that is not a multiple of it ends with a smaller group.
         group_dim: weight-only: ``"oc"`` (a group is `group_size` consecutive input channels of one output row,
             the usual layout), ``"ic"`` (consecutive output channels of one input column, which isolates input
             channels with activation outliers) or ``"adaptive"`` (AdaDim: per layer, the one whose quantized
             output is closer to the float one on the calibration data; default).
-        weight_clip: weight-only: ``"minmax"`` (each group's full range; default) or ``"mse"`` (per group, the
-            range shrink that minimises the activation-weighted squared error).
+        weight_clip: weight-only: ``"mse"`` (per group, the range shrink that minimises the activation-weighted
+            squared error; default) or ``"minmax"`` (each group's full range, widened to include 0).
         act_order: GPTQ visits input channels by decreasing Hessian diagonal (with per-OC groups this fixes the
             group grids on the original weight: static groups). Only weight-only mode can turn it off.
         gptq_quantized_inputs: run GPTQ on the layer's *quantized* inputs with the float outputs as target
@@ -104,7 +106,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         rotate_dynamic: bool = True,
         act_clip: str = "max",
         weight_algorithm: str = "gptq",
-        gptq_damp: float = 0.1,
+        gptq_damp: float | None = None,
         gptq_quantized_inputs: bool = True,
         group_size: int | None = None,
         group_dim: str | None = None,
@@ -216,6 +218,8 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         for name, default in WEIGHT_ONLY_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
+        if self.gptq_damp is None:
+            self.gptq_damp = GPTQ_DAMP_DEFAULTS["weight_only"]
         _check_choice("group_dim", self.group_dim, GROUP_DIMS)
         _check_choice("weight_clip", self.weight_clip, WEIGHT_CLIPS)
         g = self.group_size
@@ -247,6 +251,8 @@ class OutlierTuneConfig(QuantizationConfigMixin):
                     f"(act_bits=None); with act_bits={self.act_bits} weights have one step per output channel. "
                     f"Remove {name} or pass act_bits=None."
                 )
+        if self.gptq_damp is None:
+            self.gptq_damp = GPTQ_DAMP_DEFAULTS["weight_and_activation"]
         if not self.act_order:
             raise ValueError(
                 "OutlierTuneConfig.act_order=False is only supported in weight-only mode (act_bits=None); W8A8/W6A6 "

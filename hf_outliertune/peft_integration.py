@@ -1,10 +1,11 @@
 """LoRA adapters on the quantized layers, registered with PEFT when `hf_outliertune` is imported.
 
 `get_peft_model(model, LoraConfig(target_modules=[...]))` wraps each targeted `OutlierTuneLinear` (W8A8/W6A6)
-in an `OutlierTuneLoraLinear` and each `WeightOnlyLinear` (AdaDim) in a `WeightOnlyLoraLinear`. PEFT's custom-module registry (`LoraConfig._register_custom_module`) is per config and
-is not saved with an adapter, so `register_with_peft()` adds the mapping to every `LoraConfig` at dispatch time
-(including the one `PeftModel.from_pretrained` rebuilds in a fresh process) and makes
-`target_modules="all-linear"` include the quantized layers.
+in an `OutlierTuneLoraLinear` and each `WeightOnlyLinear` (AdaDim) in a `WeightOnlyLoraLinear`. PEFT's
+custom-module registry (`LoraConfig._register_custom_module`) is per config and is not saved with an adapter,
+so `register_with_peft()` adds the mapping to every `LoraConfig` at dispatch time (including the one
+`PeftModel.from_pretrained` rebuilds in a fresh process) and makes `target_modules="all-linear"` include the
+quantized layers.
 
 The frozen base stays quantized and runs its own forward, whose backward passes grad_y · W_eff to the input.
 The adapter reads the base's float input in the coordinates W_eff acts on, so the adapter is an exact additive
@@ -16,15 +17,17 @@ change of W_eff:
 - dynamic layers (per-token, possibly Hadamard-rotated inside the layer) and weight-only layers: the float
   input as it is.
 
-Merging adds the adapters to a dequantized copy of W_eff and re-quantizes it in place on the layer's grid
-(lossy: adapter changes below half a quantization step vanish; `docs/finetuning.md` has the measured cost).
-`unmerge` restores the stored integer tensors exactly.
+Merging adds the adapters to the dequantized weight and re-quantizes it in place, on the stored grid where
+the merged values still fit, with stochastic rounding: adapter changes are mostly far below one quantization
+step (round-to-nearest would erase them), and unbiased rounding keeps them on average. Lossy;
+`docs/finetuning.md` has the measured cost. `unmerge` restores the stored integer tensors exactly.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+import zlib
 from typing import Any
 
 import torch
@@ -37,28 +40,31 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
 from .adadim import expand_groups, max_code, num_groups, quantize_rtn
-from .kernels.packing import pack_codes
+from .kernels.packing import pack_codes, unpack_codes
 from .modules import OutlierTuneLinear
-from .quant_math import qmax, quantize_weight, round_clamp, weight_scales_absmax
+from .quant_math import qmax, round_clamp, weight_scales_absmax
 from .rotation import rotate
 from .weight_only_linear import WeightOnlyLinear
 
 MERGE_WARNING = (
-    "Merging a LoRA adapter into hf-outliertune quantized layers re-quantizes W_eff + ΔW on the layer's grid; "
-    "adapter changes smaller than half a quantization step are lost (see docs/finetuning.md for the measured "
-    "cost). To keep the adapter exact, serve it unmerged."
+    "Merging a LoRA adapter into hf-outliertune quantized layers re-quantizes W + ΔW (stochastic rounding on the "
+    "layer's grid): lossy, see docs/finetuning.md for the measured cost. To keep the adapter exact, serve it "
+    "unmerged."
 )
 
 
 class QuantizedLoraLinear(LoraLinear):
-    """Plain LoRA beside a frozen quantized layer that exposes `effective_weight()` (subclasses add the rest)."""
+    """Plain LoRA beside a frozen quantized layer; subclasses say what the adapters read and how a merge
+    re-quantizes."""
 
     quantized_tensors: tuple[str, ...] = ()  # the base tensors a merge rewrites (restored by `unmerge`)
     input_scale: float = 1.0  # the adapters add `scaling · B A · input_scale` to W_eff
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
         if config.lora_bias:
-            raise ValueError(f"{type(self).__name__} does not support lora_bias=True; pass LoraConfig(lora_bias=False).")
+            raise ValueError(
+                f"{type(self).__name__} does not support lora_bias=True; pass LoraConfig(lora_bias=False)."
+            )
         if config.fan_in_fan_out:
             raise ValueError(f"{type(self).__name__} needs fan_in_fan_out=False (the base weight is (out, in)).")
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
@@ -96,8 +102,8 @@ class QuantizedLoraLinear(LoraLinear):
         """The adapters' input: the base's float input in W_eff's coordinates, times `input_scale`."""
         raise NotImplementedError
 
-    def requantize(self, effective_weight: torch.Tensor) -> None:
-        """Write the quantized form of an fp32 W_eff `(out, in)` into the base layer, in place."""
+    def add_to_weight(self, delta: torch.Tensor, generator: torch.Generator) -> None:
+        """Re-quantize W_eff + `delta` (fp32 `(out, in)`) into the base layer, in place."""
         raise NotImplementedError
 
     def effective_delta(self, adapter: str) -> torch.Tensor:
@@ -129,20 +135,22 @@ class QuantizedLoraLinear(LoraLinear):
         return lora_b(lora_a(self.lora_dropout[name](x))) * self.scaling[name]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the adapters to a dequantized copy of W_eff and re-quantize it into the base layer."""
+        """Add the adapters to the dequantized weight and re-quantize it into the base layer (stochastic rounding)."""
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
         if not names:
             return
         base = self.get_base_layer()
         with torch.no_grad():
-            weight = base.effective_weight()
-            for name in names:
-                weight += self.effective_delta(name).to(weight.device)
-            if safe_merge and not torch.isfinite(weight).all():
+            delta = sum(self.effective_delta(name) for name in names)
+            if safe_merge and not torch.isfinite(delta).all():
                 raise ValueError(f"NaNs detected in the merged weights; the adapters {names} seem to be broken.")
             if not self.merged:
                 self._pre_merge_state = {k: getattr(base, k).detach().clone() for k in self.quantized_tensors}
-            self.requantize(weight)
+            # reproducible, and independent across layers (a shared seed would align the rounding of
+            # same-shaped layers, whose errors then add up coherently in the residual stream)
+            seed = zlib.crc32(base.weight_scale.detach().cpu().numpy().tobytes())
+            generator = torch.Generator(device=base.weight_scale.device).manual_seed(seed)
+            self.add_to_weight(delta.to(base.weight_scale.device), generator)
         self.merged_adapters.extend(names)
         warnings.warn(MERGE_WARNING, UserWarning, stacklevel=2)
 
@@ -182,16 +190,20 @@ class OutlierTuneLoraLinear(QuantizedLoraLinear):
         codes = round_clamp(x, base.act_bits)
         return (x + (codes - x).detach()) * self.input_scale
 
-    def requantize(self, effective_weight: torch.Tensor) -> None:
-        """Per-row symmetric codes; a row keeps its step unless the merged row would round past the grid."""
+    def add_to_weight(self, delta: torch.Tensor, generator: torch.Generator) -> None:
+        """Per-row symmetric codes; a row keeps its step unless a code would round past the grid."""
         base = self.get_base_layer()
-        # W_eff = W·blockdiag(H) with H symmetric and orthonormal, so applying H again recovers W.
-        w = rotate(effective_weight, base.hadamard_block) if base.hadamard_block > 1 else effective_weight
-        q, old = qmax(base.weight_bits), base.weight_scale.float()
-        fitted = weight_scales_absmax(w, base.weight_bits)
-        scale = torch.where(fitted * q > old * (q + 0.5), fitted, old)  # a larger step only if a code would clip
-        base.weight.copy_(quantize_weight(w, scale, base.weight_bits))
-        base.weight_scale.copy_(scale.to(base.weight_scale.dtype))
+        # W_eff = W·blockdiag(H) with H symmetric and orthonormal, so applying H again gives W's change.
+        delta = rotate(delta, base.hadamard_block) if base.hadamard_block > 1 else delta
+        q, step = qmax(base.weight_bits), base.weight_scale.float()[:, None]
+        codes = base.weight.float() + delta / step  # in steps of the stored grid
+        regrid = codes.abs().amax(dim=1) > q + 0.5
+        if regrid.any():
+            target = base.weight.float() * step + delta
+            step = torch.where(regrid[:, None], weight_scales_absmax(target, base.weight_bits)[:, None], step)
+            codes = torch.where(regrid[:, None], target / step, codes)
+        base.weight.copy_(stochastic_round(codes, generator).clamp(-q, q).to(torch.int8))
+        base.weight_scale.copy_(step[:, 0].to(base.weight_scale.dtype))
 
 
 class WeightOnlyLoraLinear(QuantizedLoraLinear):
@@ -202,25 +214,33 @@ class WeightOnlyLoraLinear(QuantizedLoraLinear):
     def lora_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def requantize(self, effective_weight: torch.Tensor) -> None:
-        """Codes on each group's stored grid; a group whose merged values would clip gets a fresh min-max grid."""
+    def add_to_weight(self, delta: torch.Tensor, generator: torch.Generator) -> None:
+        """Codes on each group's stored grid; a group where a code would round past the grid gets a fresh one."""
         base = self.get_base_layer()
-        bits, g, layout, shape = base.bits, base.group_size, base.group_dim, tuple(effective_weight.shape)
+        bits, g, layout, shape = base.bits, base.group_size, base.group_dim, tuple(delta.shape)
         top = max_code(bits)
-
-        def unclamped(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-            s, z = expand_groups(scale, g, layout, shape), expand_groups(zero, g, layout, shape)
-            return torch.round(effective_weight / s) + z
-
-        stored = unclamped(base.weight_scale, base.weight_zero)
-        clips = _any_per_group((stored < 0) | (stored > top), g, layout)
-        fresh = quantize_rtn(effective_weight, bits, g, layout)
-        scale = torch.where(clips, fresh.scale, base.weight_scale)
-        zero = torch.where(clips, fresh.zero, base.weight_zero)
-        codes = unclamped(scale, zero).clamp(0, top).to(torch.uint8)
-        base.qweight.copy_(pack_codes(codes, bits))
+        stored = unpack_codes(base.qweight, bits, base.in_features).float()
+        step = expand_groups(base.weight_scale, g, layout, shape)
+        zero = expand_groups(base.weight_zero, g, layout, shape)
+        codes = stored + delta / step  # in steps of the stored grid
+        regrid = _any_per_group((codes < -0.5) | (codes > top + 0.5), g, layout)
+        scale, zero_point = base.weight_scale, base.weight_zero
+        if regrid.any():
+            target = (stored - zero) * step + delta
+            fresh = quantize_rtn(target, bits, g, layout)
+            scale = torch.where(regrid, fresh.scale, scale)
+            zero_point = torch.where(regrid, fresh.zero, zero_point)
+            fresh_codes = target / expand_groups(scale, g, layout, shape) + expand_groups(zero_point, g, layout, shape)
+            codes = torch.where(expand_groups(regrid, g, layout, shape) > 0, fresh_codes, codes)
+        base.qweight.copy_(pack_codes(stochastic_round(codes, generator).clamp(0, top).to(torch.uint8), bits))
         base.weight_scale.copy_(scale)
-        base.weight_zero.copy_(zero)
+        base.weight_zero.copy_(zero_point)
+
+
+def stochastic_round(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """floor(x + u), u ~ U[0, 1): unbiased (E = x), so changes far below one step survive on average; an
+    integer x stays exactly as it is."""
+    return torch.floor(x + torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype))
 
 
 def _any_per_group(mask: torch.Tensor, group_size: int, group_dim: str) -> torch.Tensor:

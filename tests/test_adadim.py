@@ -203,7 +203,8 @@ def test_config_refuses_bad_weight_only_settings(kwargs, message):
 def test_config_weight_only_defaults_and_round_trip():
     cfg = OutlierTuneConfig(act_bits=None, weight_bits=3)
     assert cfg.weight_only and not cfg.uses_static_activations
-    assert (cfg.group_size, cfg.group_dim, cfg.weight_clip, cfg.act_order) == (128, "adaptive", "minmax", True)
+    assert (cfg.group_size, cfg.group_dim, cfg.weight_clip, cfg.act_order) == (128, "adaptive", "mse", True)
+    assert cfg.gptq_damp == 0.01 and OutlierTuneConfig().gptq_damp == 0.1  # per-mode GPTQ damping defaults
     back = OutlierTuneConfig.from_dict(cfg.to_dict())
     assert back.to_dict() == cfg.to_dict()
     w8a8 = OutlierTuneConfig()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_outliertune import OutlierTuneLinear
@@ -58,7 +58,8 @@ def quantized_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def lora_model(path: str, init_lora_weights: bool = True, **prepare_kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     model = prepare_model_for_training(AutoModelForCausalLM.from_pretrained(path), **prepare_kwargs)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init_lora_weights))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init_lora_weights)
+    return get_peft_model(model, config)
 
 
 def lora_grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -72,13 +73,13 @@ def lora_grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Ten
 def test_lora_steps_reduce_loss_and_leave_the_base_quantized(mode, ckpt, eval_ids):
     model = lora_model(ckpt(mode))
     base = quantized_tensors(model)
-    ids = eval_ids[:, :64]
+    ids = eval_ids[:1, :64]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)  # the compute dtype
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     model.train()
     losses = []
-    for _ in range(6):
+    for _ in range(5):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -176,18 +177,21 @@ def test_merge_requantizes_w_eff_plus_delta_and_unmerge_restores(mode, layer_nam
         # adapter reads the activation codes the integer GEMM multiplies
         x_in = round_clamp(x - base.input_offset, base.act_bits) if static else x
         torch.testing.assert_close(layer(x) - base(x), x_in @ delta.T)
-        unmerged = layer(x)
+        unmerged, without_adapter = layer(x), base(x)
         target = base.effective_weight() + delta
         stored = {k: getattr(base, k).clone() for k in layer.quantized_tensors}
         layer.merge()
         regridded = (base.weight_scale != stored["weight_scale"]).float().mean()
         assert 0 < regridded < 1  # both paths: rows/groups that keep their step, and ones that outgrow it
-        # re-quantization error: at most half a (possibly enlarged) step per element (row norms: the
-        # Hadamard rotation mixes the elements of a row but keeps its norm)
-        row_err = (base.effective_weight() - target).norm(dim=1)
-        assert (row_err <= (step_per_element(base) / 2).norm(dim=1) * 1.001).all()
+        # stochastic rounding: less than one (possibly enlarged) step per element (row norms: the Hadamard
+        # rotation mixes the elements of a row but keeps its norm) ...
+        err = base.effective_weight() - target
+        assert (err.norm(dim=1) <= step_per_element(base).norm(dim=1) * 1.001).all()
+        # ... and unbiased: the errors average out over the many elements of the layer
+        assert err.mean().abs() < 0.02 * step_per_element(base).mean()
         assert not any(getattr(base, k).is_floating_point() for k in ("weight", "qweight") if hasattr(base, k))
-        assert rel_err(unmerged, layer(x)) < 0.1
+        # an adapter of one step is at the resolution of the grid, yet the merged layer keeps most of it
+        assert rel_err(unmerged, layer(x)) < 0.75 * rel_err(unmerged, without_adapter)
         layer.unmerge()
         assert all(torch.equal(getattr(base, k), v) for k, v in stored.items())
         assert torch.equal(layer(x), unmerged)
@@ -210,7 +214,9 @@ def test_merge_and_unload_gives_a_quantized_model_that_saves_and_reloads(ckpt, e
     assert not any(isinstance(m, QuantizedLoraLinear) for m in merged.modules())
     assert sum(isinstance(m, OutlierTuneLinear) for m in merged.modules()) == 14
     merged_logits = logits_of(merged, eval_ids)
-    assert rel_err(unmerged, merged_logits) < 0.05  # lossy, but close: re-rounding onto the int8 grid
+    without_adapter = logits_of(AutoModelForCausalLM.from_pretrained(ckpt("w8a8")), eval_ids)
+    # lossy, but the merged model is much closer to the adapted model than the base is
+    assert rel_err(unmerged, merged_logits) < 0.2 * rel_err(unmerged, without_adapter)
     merged.save_pretrained(tmp_path / "merged")
     assert torch.equal(logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), eval_ids), merged_logits)
 

@@ -223,7 +223,7 @@ def test_cli_weight_only(tmp_path, capsys):
                  "--algorithm", "gptq", "--output", str(out), "--json", str(report)])
     assert code == 0
     figures = json.loads(report.read_text())
-    assert figures["setting"] == "W3 g16 adaptive (gptq, minmax clip)"
+    assert figures["setting"] == "W3 g16 adaptive (gptq, mse clip)"
     assert figures["config"]["act_bits"] is None and figures["config"]["group_size"] == 16
     assert _n_weight_only(AutoModelForCausalLM.from_pretrained(str(out))) == 14
     with pytest.raises(SystemExit) as exc:
@@ -233,13 +233,14 @@ def test_cli_weight_only(tmp_path, capsys):
 
 def test_fixed_layout_rtn_needs_no_calibration_data(tiny_dir, eval_ids, float_logits):
     cfg = hf_outliertune.OutlierTuneConfig(act_bits=None, weight_bits=8, weight_algorithm="rtn", group_size=16,
-                                           group_dim="ic")
+                                           group_dim="ic", weight_clip="minmax")
     assert not cfg.needs_calibration
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), quantization_config=cfg, dtype=torch.float32)
     assert _n_weight_only(model) == 14 and cfg.calibration_summary is None
     assert rel_err(float_logits("llama"), logits_of(model, eval_ids)) < 0.03
     for needs_data in (dict(group_dim="adaptive"), dict(weight_clip="mse"), dict(weight_algorithm="gptq")):
-        kwargs = {**dict(act_bits=None, weight_bits=4, weight_algorithm="rtn", group_dim="oc"), **needs_data}
+        kwargs = {**dict(act_bits=None, weight_bits=4, weight_algorithm="rtn", group_dim="oc", weight_clip="minmax"),
+                  **needs_data}
         cfg = hf_outliertune.OutlierTuneConfig(**kwargs)
         with pytest.raises(CalibrationError, match="calibration text"):
             AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), quantization_config=cfg)
