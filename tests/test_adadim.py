@@ -213,3 +213,11 @@ def test_config_weight_only_defaults_and_round_trip():
     old = {k: v for k, v in w8a8.to_dict().items() if k not in ("group_size", "group_dim", "weight_clip", "act_order")}
     old["format_version"] = 1
     assert OutlierTuneConfig.from_dict(old).weight_bits == 8
+
+
+def test_clip_search_in_row_chunks_matches_one_pass(monkeypatch):
+    w = torch.randn(40, 70, generator=_gen(13))
+    whole = ad.row_group_params(w, 3, 16, clip=True)
+    monkeypatch.setattr(ad, "_CLIP_CHUNK", 1)  # one row at a time
+    chunked = ad.row_group_params(w, 3, 16, clip=True)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
