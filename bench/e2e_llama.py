@@ -1,13 +1,16 @@
-"""End-to-end W8A8 OutlierTune vs bf16 on a Llama-3-8B-architecture model with random weights (GPU, no download).
+"""End-to-end OutlierTune W8A8 and AdaDim weight-only vs bf16 on a Llama-3-8B-architecture model with random
+weights (GPU, no download).
 
 Measured in one run on the same model: prefill latency (1×2048 and 8×512 tokens, no cache), decode tokens/s
 (batch 1 and 16, static KV cache, one decode step captured in a CUDA graph and replayed), peak GPU memory of
 the prefill, weight memory, and the size of the saved checkpoint. The W8A8 model is built the way a calibrated
 one looks at run time (static per-channel inputs with the norm fused into the quantizer for q/k/v/gate/up,
 dynamic per-token inputs with the block-Hadamard rotation for o/down, int8 weights with per-channel scales);
-its weights are the random bf16 weights quantized per channel (speed does not depend on calibration).
+its weights are the random bf16 weights quantized per channel (speed does not depend on calibration). The
+weight-only variants (`w4`, `w3`: g128, per-OC or per-IC groups) hold the random weights RTN-quantized into
+`WeightOnlyLinear`s (packed codes, fused low-bit kernels); activations stay bf16.
 
-    python bench/e2e_llama.py --json docs/e2e_llama8b_h100.json [--layers 32]
+    python bench/e2e_llama.py --json docs/e2e_llama8b_h100.json [--layers 32] [--variants bf16 w8a8 w4 w3]
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import env_info  # noqa: E402
 
 from hf_outliertune import OutlierTuneConfig  # noqa: E402
+from hf_outliertune.adadim import quantize_rtn  # noqa: E402
 from hf_outliertune.architectures import decoder_layers, resolve_arch  # noqa: E402
 from hf_outliertune.fusion import fuse_norm_quant  # noqa: E402
 from hf_outliertune.modules import OutlierTuneLinear  # noqa: E402
 from hf_outliertune.quant_math import quantize_weight, weight_scales_absmax  # noqa: E402
 from hf_outliertune.quantizer import OutlierTuneHfQuantizer  # noqa: E402
 from hf_outliertune.rotation import hadamard_block_size  # noqa: E402
+from hf_outliertune.weight_only_linear import WeightOnlyLinear  # noqa: E402
 
 LLAMA3_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -75,6 +80,32 @@ def to_random_w8a8(model: torch.nn.Module) -> OutlierTuneConfig:
     model.hf_quantizer = OutlierTuneHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     fuse_norm_quant(model)
+    return config
+
+
+# weight-only variants: (bits, group size, group layout)
+WEIGHT_ONLY = {"w4": (4, 128, "oc"), "w3": (3, 128, "oc"), "w4ic": (4, 128, "ic"), "w3ic": (3, 128, "ic")}
+VARIANTS = ("bf16", "w8a8", *WEIGHT_ONLY)
+
+
+@torch.no_grad()
+def to_weight_only(model: torch.nn.Module, bits: int, group_size: int, group_dim: str) -> OutlierTuneConfig:
+    """Replace every decoder linear in place by a `WeightOnlyLinear` holding its RTN-quantized random weight."""
+    spec = resolve_arch(model)
+    formats = {}
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        for name in spec.all_linears:
+            linear = layer.get_submodule(name)
+            q = WeightOnlyLinear.from_quantized(quantize_rtn(linear.weight, bits, group_size, group_dim), None,
+                                                torch.bfloat16)
+            layer.set_submodule(name, q)
+            formats[f"{spec.layers_path}.{i}.{name}"] = q.format
+    config = OutlierTuneConfig(act_bits=None, weight_bits=bits, group_size=group_size, group_dim=group_dim,
+                               weight_algorithm="rtn", module_formats=formats,
+                               calibration_summary={"note": "random weights, no calibration"})
+    model.config.quantization_config = config
+    model.hf_quantizer = OutlierTuneHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
     return config
 
 
@@ -161,8 +192,9 @@ def main() -> None:
     parser.add_argument("--json", default="e2e_llama.json")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--no-save", action="store_true", help="skip writing the W8A8 checkpoint")
-    parser.add_argument("--variant", choices=["bf16", "w8a8"], help="measure one model in this process and write "
-                        "its part to JSON.variant; without it both run in subprocesses (fresh GPU memory each) and merge")
+    parser.add_argument("--variant", choices=VARIANTS, help="measure one model in this process and write its part "
+                        "to JSON.variant; without it every --variants one runs in a subprocess (fresh GPU memory)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["bf16", "w8a8", "w4", "w3"])
     args = parser.parse_args()
     t0 = time.time()
     if args.variant:
@@ -170,10 +202,12 @@ def main() -> None:
         model = build_bf16(args.layers)
         if args.variant == "w8a8":
             to_random_w8a8(model)
-            torch.cuda.empty_cache()
+        elif args.variant in WEIGHT_ONLY:
+            to_weight_only(model, *WEIGHT_ONLY[args.variant])
+        torch.cuda.empty_cache()
         result = {"after_build_GiB": torch.cuda.memory_allocated() / 2**30, **measure(model)}
         print(args.variant, json.dumps(result, indent=1), flush=True)
-        if args.variant == "w8a8" and not args.no_save:
+        if args.variant != "bf16" and not args.no_save:
             torch._dynamo.reset()
             result["checkpoint_GiB"] = checkpoint_GiB(model)
         with open(f"{args.json}.{args.variant}", "w") as f:
@@ -181,31 +215,48 @@ def main() -> None:
         return
     import subprocess
 
-    for variant in ("bf16", "w8a8"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--json", args.json, "--layers", str(args.layers)]
-        subprocess.run(cmd + (["--no-save"] if args.no_save else []), check=True)
+    variants = ["bf16", *(v for v in args.variants if v != "bf16")]
     results = {}
-    for variant in ("bf16", "w8a8"):
-        with open(f"{args.json}.{variant}") as f:
-            results[variant] = json.load(f)
-    b, q = results["bf16"], results["w8a8"]
-    ratios = {
-        "weight_memory": b["weight_GiB"] / q["weight_GiB"],
-        **{k: b[k]["ms"] / q[k]["ms"] for k in b if k.startswith("prefill")},
-        **{k: q[k]["tokens_per_s"] / b[k]["tokens_per_s"] for k in b if k.startswith("decode")},
-    }
+    for variant in variants:
+        cmd = [sys.executable, __file__, "--variant", variant, "--json", args.json, "--layers", str(args.layers)]
+        proc = subprocess.run(cmd + (["--no-save"] if args.no_save else []))
+        if proc.returncode == 0:  # one failing variant must not cost the others' figures
+            with open(f"{args.json}.{variant}") as f:
+                results[variant] = json.load(f)
+        else:
+            results[variant] = {"error": f"exit status {proc.returncode}"}
+    b = results["bf16"]
+    ratios = {v: _ratios(b, q) for v, q in results.items() if v != "bf16" and "error" not in q}
     out = {"env": env_info(), "date": time.strftime("%Y-%m-%d"), "layers": args.layers, "results": results,
            "speedup_vs_bf16": ratios, "wall_s": time.time() - t0}
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
-    print(f"\n{'metric':<22} {'bf16':>10} {'W8A8':>10} {'ratio':>7}")
-    print(f"{'weights GiB':<22} {b['weight_GiB']:>10.2f} {q['weight_GiB']:>10.2f} {ratios['weight_memory']:>6.2f}x")
-    for k in b:
-        if k.startswith("prefill"):
-            print(f"{k + ' ms':<22} {b[k]['ms']:>10.1f} {q[k]['ms']:>10.1f} {ratios[k]:>6.2f}x")
-        elif k.startswith("decode"):
-            print(f"{k + ' tok/s':<22} {b[k]['tokens_per_s']:>10.1f} {q[k]['tokens_per_s']:>10.1f} {ratios[k]:>6.2f}x")
+    _print_table(b, results, ratios)
     print(f"wrote {args.json} ({time.time() - t0:.0f} s)")
+
+
+def _ratios(b: dict, q: dict) -> dict:
+    """Speed-ups of q over bf16 (prefill: latency ratio; decode: tokens/s ratio) and the weight-memory ratio."""
+    return {
+        "weight_memory": b["weight_GiB"] / q["weight_GiB"],
+        **{k: b[k]["ms"] / q[k]["ms"] for k in b if k.startswith("prefill")},
+        **{k: q[k]["tokens_per_s"] / b[k]["tokens_per_s"] for k in b if k.startswith("decode")},
+    }
+
+
+def _print_table(b: dict, results: dict, ratios: dict) -> None:
+    names = [v for v in ratios]
+    print(f"\n{'metric':<22} {'bf16':>10}" + "".join(f" {v:>10} {'ratio':>7}" for v in names))
+    rows = [("weights GiB", "weight_GiB", None)] + [
+        (k + (" ms" if k.startswith("prefill") else " tok/s"), k, "ms" if k.startswith("prefill") else "tokens_per_s")
+        for k in b if k.startswith(("prefill", "decode"))]
+    for label, key, field in rows:
+        ratio_key = "weight_memory" if field is None else key
+        line = f"{label:<22} {(b[key] if field is None else b[key][field]):>10.1f}"
+        for v in names:
+            q = results[v]
+            line += f" {(q[key] if field is None else q[key][field]):>10.1f} {ratios[v][ratio_key]:>6.2f}x"
+        print(line)
 
 
 if __name__ == "__main__":

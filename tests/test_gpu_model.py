@@ -5,6 +5,9 @@
   order in the norms and rare one-step rounding ties in the activation codes).
 - `generate` with a static cache under `torch.compile(mode="reduce-overhead")` (CUDA graphs) gives the same
   greedy tokens as eager generation.
+- A saved pre-quantized checkpoint (W8A8 and AdaDim weight-only) loads with `device_map="auto"` onto the GPU,
+  without calibration data, and gives the CPU reference logits (the Hub pull path after the download).
+- An AdaDim model on CUDA (fused low-bit kernels) gives the CPU reference logits.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import logits_of, rel_err, small_config
+
+from hf_outliertune.weight_only_linear import WeightOnlyLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,3 +54,30 @@ def test_generate_static_cache_compiled_matches_eager(cpu_model, eval_ids):
     compiled = model.generate(prompt, **kwargs)
     compiled_again = model.generate(prompt, **kwargs)  # replays the captured graphs
     assert torch.equal(eager, compiled) and torch.equal(eager, compiled_again)
+
+
+@pytest.fixture(scope="module")
+def cpu_weight_only_model(tiny_dir):
+    cfg = small_config(act_bits=None, weight_bits=4, group_size=16, group_dim="adaptive", weight_algorithm="gptq",
+                       gptq_damp=0.01)
+    return AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), quantization_config=cfg, dtype=torch.float32)
+
+
+def test_weight_only_cuda_logits_match_reference_path(cpu_weight_only_model, eval_ids):
+    ref = logits_of(cpu_weight_only_model, eval_ids)
+    gpu = copy.deepcopy(cpu_weight_only_model).to("cuda")
+    got = logits_of(gpu, eval_ids.cuda()).cpu()
+    assert rel_err(ref, got) < 1e-4  # fp32 dequantization in both; only the reduction order differs
+
+
+@pytest.mark.parametrize("which", ["w8a8", "weight_only"])
+def test_pre_quantized_checkpoint_loads_with_device_map_auto(which, cpu_model, cpu_weight_only_model, eval_ids,
+                                                             tmp_path):
+    model = cpu_model if which == "w8a8" else cpu_weight_only_model
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", dtype=torch.float32)
+    assert {p.device.type for p in loaded.parameters()} == {"cuda"}
+    if which == "weight_only":
+        assert any(isinstance(m, WeightOnlyLinear) for m in loaded.modules())
+    got = logits_of(loaded, eval_ids.cuda()).cpu()
+    assert rel_err(logits_of(model, eval_ids), got) < 1e-3
