@@ -87,10 +87,17 @@ def _hadamard_cpu(n: int) -> torch.Tensor:
     return (h / math.sqrt(n)).float()
 
 
+@functools.lru_cache(maxsize=32)
+def hadamard_on(n: int, device: torch.device) -> torch.Tensor:
+    """`_hadamard_cpu(n)` cached per device: no host-to-device copy after the first call, so the rotation can be
+    captured in a CUDA graph once it has run eagerly."""
+    return _hadamard_cpu(n).to(device)
+
+
 def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     """x · blockdiag(H_block, …) along the last dimension, in fp32."""
     lead, k = x.shape[:-1], x.shape[-1]
-    h = _hadamard_cpu(block).to(x.device)
+    h = hadamard_on(block, x.device)
     return (x.float().reshape(-1, k // block, block) @ h).reshape(*lead, k)
 
 
