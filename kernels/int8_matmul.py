@@ -67,9 +67,13 @@ def int8_matmul(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Dispatch: on CUDA (triton importable) the `hf_outliertune::int8_matmul` custom op, else the reference."""
+    """Dispatch: on CUDA (triton importable) the Triton kernels — through the `hf_outliertune::int8_matmul`
+    custom op while torch.compile traces, directly in eager mode (the op's dispatch costs host time that
+    bounds eager prefill) — else the reference."""
     if a.is_cuda and triton is not None:
-        return torch.ops.hf_outliertune.int8_matmul(a, w, w_scale, a_scale, bias, out_dtype)
+        if torch.compiler.is_compiling():
+            return torch.ops.hf_outliertune.int8_matmul(a, w, w_scale, a_scale, bias, out_dtype)
+        return int8_matmul_cuda(a, w, w_scale, a_scale, bias, out_dtype)
     return int8_matmul_reference(a, w, w_scale, a_scale, bias, out_dtype)
 
 
@@ -402,14 +406,27 @@ def tma_supported(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> b
     """TMA needs contiguous operands with 16-byte aligned rows and a Hopper-class GPU (or the interpreter)."""
     if triton is None or not hasattr(tl, "make_tensor_descriptor"):
         return False
-    if a.is_cuda and torch.cuda.get_device_capability(a.device)[0] < 9:
+    if a.is_cuda and _device_info(a.device)[0] < 9:
         return False
-    out_bytes = torch.empty((), dtype=out_dtype).element_size()
+    out_bytes = out_dtype.itemsize
     return a.is_contiguous() and w.is_contiguous() and a.shape[1] % 16 == 0 and (w.shape[0] * out_bytes) % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device: torch.device) -> tuple[int, int]:
+    """(compute-capability major, SM count) of a CUDA device, queried once (the launch path is host-bound)."""
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.multi_processor_count
 
 
 def _tma_allocator(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@functools.cache
+def _install_tma_allocator() -> None:
+    """Device-side tensor descriptors need global scratch memory from triton's allocator hook."""
+    triton.set_allocator(_tma_allocator)
 
 
 def int8_matmul_tma(
@@ -429,8 +446,8 @@ def int8_matmul_tma(
     if m == 0 or n == 0:
         return c
     if a.is_cuda:
-        triton.set_allocator(_tma_allocator)
-        num_sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+        _install_tma_allocator()
+        num_sms = _device_info(a.device)[1]
     else:
         num_sms = 4
     w_scale = w_scale.contiguous()

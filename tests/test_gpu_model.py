@@ -46,13 +46,18 @@ def test_bf16_cuda_logits_close_to_fp32_reference(cpu_model, eval_ids):
 
 
 def test_generate_static_cache_compiled_matches_eager(cpu_model, eval_ids):
+    """`generate` compiles the forward itself (static cache on CUDA, `is_compileable` quantizer)."""
+    from torch._dynamo.utils import counters
+
     model = copy.deepcopy(cpu_model).to("cuda")
     prompt = eval_ids[:1, :16].cuda()
     kwargs = dict(max_new_tokens=12, do_sample=False, cache_implementation="static")
-    eager = model.generate(prompt, **kwargs)
-    model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    eager = model.generate(prompt, disable_compile=True, **kwargs)
+    torch._dynamo.reset()
+    counters.clear()
     compiled = model.generate(prompt, **kwargs)
     compiled_again = model.generate(prompt, **kwargs)  # replays the captured graphs
+    assert counters["stats"]["unique_graphs"] >= 1, "generate did not compile the quantized model's forward"
     assert torch.equal(eager, compiled) and torch.equal(eager, compiled_again)
 
 
