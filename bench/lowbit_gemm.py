@@ -250,15 +250,8 @@ def check_all_tiles(workers: int) -> list[str]:
     return fails
 
 
-EXTRA_GEMV = [(4, 64, 4, False), (32, 64, 4, False), (8, 64, 8, False), (8, 128, 8, False)]
-EXTRA_GEMV_3BIT = [(4, 32, 2, False), (8, 64, 4, True), (16, 32, 8, True), (8, 32, 8, False)]
-
-
 def _sweep_configs(x, w, bits, group, layout, kernel) -> list[dict]:
-    cands = lm.candidate_configs(x, *w, bits, group, layout, kernel=kernel)
-    if kernel == "gemv":  # tiles outside the autotune lists too
-        for bn, nc, warps, split in (EXTRA_GEMV_3BIT if bits == 3 else EXTRA_GEMV):
-            cands.append({"BLOCK_N": bn, "NCHUNK": nc, "SPLIT_PLANES": split, "num_warps": warps, "num_stages": 1})
+    cands = lm.candidate_configs(x, *w, bits, group, layout, kernel=kernel)  # GEMV: every fitting candidate
     return cands[:2] if kernel == "mma" and x.shape[0] == 1 else cands
 
 
@@ -288,7 +281,7 @@ def sweep(shapes, ms, workers: int) -> list[dict]:
             except Exception as err:  # a tile that does not compile or launch here: record why
                 t = float("nan")
                 print(f"  {kernel} {cfg}: {type(err).__name__}: {str(err)[:300]}", flush=True)
-            short = {a: b for a, b in cfg.items() if a in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NCHUNK", "SPLIT_PLANES",
+            short = {a: b for a, b in cfg.items() if a in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NCHUNK", "UNITS", "PREFETCH",
                                                              "num_warps", "num_stages")}
             out.append({"K": k, "N": n, "M": m, "bits": bits, "group_size": group, "group_dim": layout,
                         "kernel": kernel, "config": short, "graph_us": t, "weight_GBps": wbytes / t / 1e3})
@@ -301,7 +294,7 @@ def sweep(shapes, ms, workers: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="lowbit_gemm.json")
-    parser.add_argument("--ms", type=int, nargs="*", default=MS)
+    parser.add_argument("--ms", type=int, nargs="*", help=f"rows of x (default {MS}; --sweep: 1 16 2048)")
     parser.add_argument("--no-eager", action="store_true", help="skip the do_bench (eager) timings")
     parser.add_argument("--check", action="store_true", help="only check correctness at the benchmark shapes")
     parser.add_argument("--sweep", action="store_true", help="only time every candidate tile")
@@ -313,12 +306,12 @@ def main() -> None:
         print(f"{len(fails)} failures ({time.time() - t0:.0f} s)")
         sys.exit(1 if fails else 0)
     if args.sweep:
-        rows = sweep([(4096, 14336), (14336, 4096)], [1, 16, 2048], args.workers)
+        rows = sweep([(4096, 14336), (14336, 4096)], args.ms or [1, 16, 2048], args.workers)
         with open(args.json, "w") as f:
             json.dump({"env": env_info(), "sweep": rows}, f, indent=1)
         print(f"wrote {args.json} ({time.time() - t0:.0f} s)")
         return
-    tasks = [(k, n, m, b, g, lay) for k, n in SHAPES for m in args.ms for b, g, lay in VARIANTS]
+    tasks = [(k, n, m, b, g, lay) for k, n in SHAPES for m in (args.ms or MS) for b, g, lay in VARIANTS]
     compiled = precompile(tasks, args.workers)
     print(f"compiled {compiled} kernel variants in {time.time() - t0:.0f} s", flush=True)
     copy_gbps = copy_bandwidth_gbps()
@@ -329,7 +322,7 @@ def main() -> None:
     rows, bf16_cache = [], {}
     out = {"env": env_info(), "date": time.strftime("%Y-%m-%d"), "copy_GBps": copy_gbps, "rows": rows}
     for k, n in SHAPES:
-        for m in args.ms:
+        for m in args.ms or MS:
             case = bench_case(k, n, m, not args.no_eager, copy_gbps, bf16_cache)
             rows += case
             with open(args.json, "w") as f:  # partial results survive a crash or a time limit

@@ -109,9 +109,13 @@ def lowbit_matmul(
     group_dim: str,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatch: on CUDA (triton importable) the `hf_outliertune::lowbit_matmul` custom op, else the reference."""
+    """Dispatch: on CUDA (triton importable) the `hf_outliertune::lowbit_matmul` custom op while torch.compile
+    traces or a gradient flows (its autograd formula), the Triton entry point directly otherwise (the op's
+    dispatch costs host time that bounds eager decode) — else the reference."""
     if x.is_cuda and triton is not None:
-        return torch.ops.hf_outliertune.lowbit_matmul(x, packed, scale, zero, bits, group_size, group_dim, bias)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+            return torch.ops.hf_outliertune.lowbit_matmul(x, packed, scale, zero, bits, group_size, group_dim, bias)
+        return lowbit_matmul_triton(x, packed, scale, zero, bits, group_size, group_dim, bias)
     return lowbit_matmul_reference(x, packed, scale, zero, bits, group_size, group_dim, bias)
 
 
@@ -173,147 +177,195 @@ def _select_impl(f, MASK: tl.constexpr, c, USE_ASM: tl.constexpr):
     return (f & MASK) | c
 
 
-def _gemv_load_impl(
-    x_row, stride_xk, w_rows, k0, K, KW,
-    BITS: tl.constexpr, NCHUNK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
-):
-    """One GEMV step's raw operands: x (NCHUNK, CHUNK) and the packed words of each chunk (wa, wb).
+def _rotl_impl(w, R: tl.constexpr):
+    """uint32 words rotated left by the constant R (one funnel shift; a plain shift once masked)."""
+    if R == 0:
+        return w
+    return (w << R) | (w >> (32 - R))
 
-    bits 2/4/8: wa = wb = the chunk's CHUNK/(32/bits) words; 3 bits: wa = 2 bit-0 words, wb = 4 (q >> 1) words.
-    Chunks starting at or past K load nothing (masked), so a prefetch beyond the last step is free.
+
+def _take_impl(t, D0: tl.constexpr, D1: tl.constexpr, N: tl.constexpr, I: tl.constexpr):
+    """Element I of the last dimension (size N ≤ 16, held in-thread) of a (D0, D1, N) tensor: splits only."""
+    if N >= 2:
+        a, b = tl.split(tl.reshape(t, (D0, D1, N // 2, 2)))
+        t = b if I % 2 == 1 else a
+    if N >= 4:
+        a, b = tl.split(tl.reshape(t, (D0, D1, N // 4, 2)))
+        t = b if (I // 2) % 2 == 1 else a
+    if N >= 8:
+        a, b = tl.split(tl.reshape(t, (D0, D1, N // 8, 2)))
+        t = b if (I // 4) % 2 == 1 else a
+    if N >= 16:
+        a, b = tl.split(tl.reshape(t, (D0, D1, 1, 2)))
+        t = b if (I // 8) % 2 == 1 else a
+    return tl.reshape(t, (D0, D1))
+
+
+def _halves_impl(p, USE_ASM: tl.constexpr):
+    """uint32 words holding two fp16 values → (low half, high half) as fp32 tensors."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{.reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi;}",
+            "=r,=r,r", [p], dtype=(tl.float32, tl.float32), is_pure=True, pack=1,
+        )
+    lo = (p & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (p >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+def _gemv_load_impl(
+    x_row, stride_xk, w_rows, s_row, z_row, stride_s1, k0, K, KW,
+    BITS: tl.constexpr, PER_IC: tl.constexpr, MASKED: tl.constexpr,
+    NCHUNK: tl.constexpr, UNITS: tl.constexpr,
+):
+    """One GEMV step's raw operands for chunks [k0, k0 + NCHUNK·CHUNK) of K: x (and per-IC s, z) as
+    (CHUNK / 8, NCHUNK, 8) 16-byte vectors, and the packed words wa, wb as (BLOCK_N, NCHUNK, words).
+
+    bits 2/4/8: wa = wb = UNITS words a chunk; 3 bits: wa = UNITS bit-0 words, wb = 2·UNITS (q >> 1) words.
+    The chunk index is the second-fastest dimension of every load, so that triton spreads the chunks over the
+    threads and keeps each chunk's vectors (and every row) in one thread: no layout conversion follows.
+    Chunks at or past K load zeros (masked), so a prefetch beyond the last step is free.
     """
-    u = tl.arange(0, NCHUNK)
-    kc = k0 + u * CHUNK
-    xk = kc[:, None] + tl.arange(0, CHUNK)[None, :]
+    P: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes a unit: a word, or 32 codes of both 3-bit planes
+    CHUNK: tl.constexpr = UNITS * P
+    c = tl.arange(0, NCHUNK)
+    kx = k0 + tl.arange(0, CHUNK // 8)[:, None, None] * 8 + c[None, :, None] * CHUNK + tl.arange(0, 8)[None, None, :]
     if MASKED:
-        x = tl.load(x_row + xk * stride_xk, mask=xk < K, other=0.0)
+        x = tl.load(x_row + kx * stride_xk, mask=kx < K, other=0.0)
     else:
-        x = tl.load(x_row + xk * stride_xk)
+        x = tl.load(x_row + kx * stride_xk)
+    if PER_IC:
+        if MASKED:
+            s = tl.load(s_row + kx * stride_s1, mask=kx < K, other=0.0)
+            z = tl.load(z_row + kx * stride_s1, mask=kx < K, other=0.0)
+        else:
+            s = tl.load(s_row + kx * stride_s1)
+            z = tl.load(z_row + kx * stride_s1)
+    else:
+        s = x
+        z = x
     if BITS == 3:
-        w0_offs = k0 // 32 + (u * 2)[:, None] + tl.arange(0, 2)[None, :]
-        w1_offs = KW + k0 // 16 + (u * 4)[:, None] + tl.arange(0, 4)[None, :]
+        ia = k0 // 32 + c[:, None] * UNITS + tl.arange(0, UNITS)[None, :]  # bit-0 words
+        ib = k0 // 16 + c[:, None] * (2 * UNITS) + tl.arange(0, 2 * UNITS)[None, :]  # (q >> 1) words
         if MASKED:
-            wa = tl.load(w_rows + w0_offs[None, :, :], mask=(kc[:, None] + tl.arange(0, 2)[None, :] * 32 < K)[None],
-                         other=0)
-            wb = tl.load(w_rows + w1_offs[None, :, :], mask=(kc[:, None] + tl.arange(0, 4)[None, :] * 16 < K)[None],
-                         other=0)
+            wa = tl.load(w_rows + ia[None, :, :], mask=(ia * 32 < K)[None, :, :], other=0)
+            wb = tl.load(w_rows + KW + ib[None, :, :], mask=(ib * 16 < K)[None, :, :], other=0)
         else:
-            wa = tl.load(w_rows + w0_offs[None, :, :])
-            wb = tl.load(w_rows + w1_offs[None, :, :])
+            wa = tl.load(w_rows + ia[None, :, :])
+            wb = tl.load(w_rows + KW + ib[None, :, :])
     else:
-        V: tl.constexpr = 32 // BITS
-        CW: tl.constexpr = CHUNK // V
-        w_offs = k0 // V + (u * CW)[:, None] + tl.arange(0, CW)[None, :]
+        iw = k0 // P + c[:, None] * UNITS + tl.arange(0, UNITS)[None, :]
         if MASKED:
-            wa = tl.load(w_rows + w_offs[None, :, :], mask=(kc < K)[None, :, None], other=0)
+            wa = tl.load(w_rows + iw[None, :, :], mask=(iw * P < K)[None, :, :], other=0)
         else:
-            wa = tl.load(w_rows + w_offs[None, :, :])
+            wa = tl.load(w_rows + iw[None, :, :])
         wb = wa
-    return x, wa, wb
+    return x, s, z, wa, wb
 
 
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    N, K, KW, GROUP, one_bits,
+    N, K, KW, GROUP_SHIFT,
     stride_xm, stride_xk, stride_wn, stride_s0, stride_s1, stride_ym,
-    N_BUCKET, K_BUCKET,  # autotune keys only
     BITS: tl.constexpr,
     PER_IC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_ASM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NCHUNK: tl.constexpr,
-    SPLIT_PLANES: tl.constexpr,  # 3 bits: sum the two bit planes separately (see below)
+    BLOCK_N: tl.constexpr,  # weight rows a program; every thread works on all of them
+    NCHUNK: tl.constexpr,  # chunks of K a step, one or two a thread
+    UNITS: tl.constexpr,  # words a chunk (bits 2/4/8), or 32-code blocks of the two planes (3 bits)
     PREFETCH: tl.constexpr,  # load step i+1 before computing step i
 ):
-    """y[m, rows] for one row m of x and BLOCK_N weight rows; NCHUNK chunks of K (one per thread) a step."""
-    CHUNK: tl.constexpr = 16 if BITS == 8 else (64 if BITS == 3 else 32)
-    V: tl.constexpr = 32 // BITS  # codes a word (bits 2/4/8; the 3-bit planes are unpacked explicitly)
-    CW: tl.constexpr = CHUNK // V  # words a chunk (bits 2/4/8)
+    """y[m, rows] for one row m of x and BLOCK_N weight rows, stepping through K NCHUNK chunks at a time."""
+    P: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    H: tl.constexpr = P // 2  # code pairs a unit
+    CHUNK: tl.constexpr = UNITS * P
+    STEP: tl.constexpr = NCHUNK * CHUNK
     SCALE: tl.constexpr = 1 << BITS
     pid = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_w = (rows % N).to(tl.int64)  # rows past N wrap around; their results are masked at the store
-    u = tl.arange(0, NCHUNK)
-    c = tl.arange(0, CHUNK)
-    one = one_bits.to(tl.uint32)
+    c = tl.arange(0, NCHUNK)
     x_row = x_ptr + m * stride_xm
     w_rows = w_ptr + rows_w[:, None, None] * stride_wn
+    s_row = s_ptr
+    z_row = z_ptr
     if PER_IC:
-        grp_ic = (pid * BLOCK_N) // GROUP  # every row of the block lies in this group (BLOCK_N ≤ 16 ≤ GROUP)
+        grp_ic = (pid * BLOCK_N) >> GROUP_SHIFT  # every row of the block lies in this group (BLOCK_N ≤ group)
+        s_row = s_ptr + grp_ic * stride_s0
+        z_row = z_ptr + grp_ic * stride_s0
+    ones = tl.full((BLOCK_N, NCHUNK, UNITS), 0x3C003C00, tl.uint32)  # a pair of fp16 1.0
     acc = tl.zeros((BLOCK_N, NCHUNK), dtype=tl.float32)
-    STEP: tl.constexpr = NCHUNK * CHUNK
+    acc_x = tl.zeros((NCHUNK,), dtype=tl.float32)  # per-IC: the row-independent terms
     if PREFETCH:  # software pipelining by hand: the next step's loads are in flight during this step's math
-        nxt = _gemv_load(x_row, stride_xk, w_rows, 0, K, KW, BITS, NCHUNK, CHUNK, True)
+        nxt = _gemv_load(x_row, stride_xk, w_rows, s_row, z_row, stride_s1, 0, K, KW, BITS, PER_IC, True,
+                         NCHUNK, UNITS)
     for k0 in range(0, K, STEP):
         if PREFETCH:
-            x, wa, wb = nxt
-            nxt = _gemv_load(x_row, stride_xk, w_rows, k0 + STEP, K, KW, BITS, NCHUNK, CHUNK, True)
+            x, s, z, wa, wb = nxt
+            nxt = _gemv_load(x_row, stride_xk, w_rows, s_row, z_row, stride_s1, k0 + STEP, K, KW, BITS, PER_IC,
+                             True, NCHUNK, UNITS)
         else:
-            x, wa, wb = _gemv_load(x_row, stride_xk, w_rows, k0, K, KW, BITS, NCHUNK, CHUNK, not EVEN_K)
-        x = x.to(tl.float32)
-        kc = k0 + u * CHUNK  # first k of each chunk
-        xk = kc[:, None] + c[None, :]
+            x, s, z, wa, wb = _gemv_load(x_row, stride_xk, w_rows, s_row, z_row, stride_s1, k0, K, KW, BITS,
+                                         PER_IC, not EVEN_K, NCHUNK, UNITS)
+        # x: (CHUNK / 8, NCHUNK, 8) → (NCHUNK, CHUNK), all of a chunk in its thread
+        x = tl.reshape(tl.permute(x.to(tl.float32), (1, 0, 2)), (NCHUNK, CHUNK))
         if PER_IC:
-            # Per-IC scales vary along K: fold them into x (xq = s·x); Σ z·s·x is the same for every row.
-            sk = s_ptr + grp_ic * stride_s0 + xk * stride_s1
-            zk = z_ptr + grp_ic * stride_s0 + xk * stride_s1
-            if EVEN_K:
-                s = tl.load(sk).to(tl.float32)
-                z = tl.load(zk).to(tl.float32)
-            else:
-                s = tl.load(sk, mask=xk < K, other=0.0).to(tl.float32)
-                z = tl.load(zk, mask=xk < K, other=0.0).to(tl.float32)
-            xq = x * s
-            zx = tl.sum(z * xq, axis=1)
-        else:
-            xq = x
-        xsum = tl.sum(xq, axis=1)
-        # Unpack each code into v = 1 + q / 2^b (a float in [1, 2)) and form qx = Σ_chunk q·xq per row.
+            # Per-IC scales vary along K: fold them into x (x' = s·x); Σ z·x' is the same for every row.
+            x = x * tl.reshape(tl.permute(s.to(tl.float32), (1, 0, 2)), (NCHUNK, CHUNK))
+            zx = tl.sum(x * tl.reshape(tl.permute(z.to(tl.float32), (1, 0, 2)), (NCHUNK, CHUNK)), axis=1)
+        xs = tl.sum(x, axis=1)
+        # x as the kernel pairs codes: unit u holds codes u·P + j (low halves) and u·P + H + j (high halves)
+        x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, (NCHUNK, UNITS, 2, H)), (0, 1, 3, 2)))
+        # Pair j: one shift and one LOP3 put two codes into an fp16 pair v = 1 + q / 2^b (no int→float
+        # conversion), each half widens to fp32 and meets its x in one FMA: p = Σ_chunk v·x per row and
+        # Σ q·x = 2^b·(p − Σx).
         if BITS == 3:
-            # A 64-code chunk is 2 words of the bit-0 plane (wa) and 4 words of the (q >> 1) plane (wb).
+            # A unit is 32 codes: a bit-0 word (code k at bit k) and two (q >> 1) words, codes 0-15 and 16-31.
+            # Regrouped by halves, 2-bit field j of `r_lo` / `r_hi` is codes j / 8 + j (low) and 16 + j /
+            # 24 + j (high), which the bit-0 word holds at bits k and k + 16: pair j is codes j and j + 16.
             w0 = wa.to(tl.uint32, bitcast=True)
-            w1 = wb.to(tl.uint32, bitcast=True)
-            ones = tl.full((BLOCK_N, NCHUNK, CHUNK), 0, tl.uint32) + one
-            if SPLIT_PLANES:
-                # Each plane summed on its own: Σ b0·x = 2(p0 − Σx), Σ b12·x = 4(p1 − Σx). One more
-                # multiply-add a code than merging the planes, but fewer live registers.
-                f0 = _fields(_spread4(w0, BLOCK_N, NCHUNK, 2, 32), 1, 32, 22)
-                v0 = _select(tl.reshape(f0, (BLOCK_N, NCHUNK, CHUNK)), 1 << 22, ones, USE_ASM)
-                p0 = tl.sum(v0.to(tl.float32, bitcast=True) * xq[None, :, :], axis=2)
-                f1 = _fields(_spread4(w1, BLOCK_N, NCHUNK, 4, 16), 2, 16, 21)
-                v1 = _select(tl.reshape(f1, (BLOCK_N, NCHUNK, CHUNK)), 3 << 21, ones, USE_ASM)
-                p1 = tl.sum(v1.to(tl.float32, bitcast=True) * xq[None, :, :], axis=2)
-                qx = 2 * p0 + 8 * p1 - 10 * xsum[None, :]
-            else:
-                # Both planes merged into one mantissa: v = 1 + (b0 + 2·b12) / 8 = 1 + q / 8.
-                f0 = _fields(_spread4(w0, BLOCK_N, NCHUNK, 2, 32), 1, 32, 20)
-                f1 = _fields(_spread4(w1, BLOCK_N, NCHUNK, 4, 16), 2, 16, 21)
-                hi = _select(tl.reshape(f1, (BLOCK_N, NCHUNK, CHUNK)), 3 << 21, ones, USE_ASM)
-                vb = _select(tl.reshape(f0, (BLOCK_N, NCHUNK, CHUNK)), 1 << 20, hi, USE_ASM)
-                p = tl.sum(vb.to(tl.float32, bitcast=True) * xq[None, :, :], axis=2)
-                qx = SCALE * (p - xsum[None, :])
+            w1a, w1b = tl.split(tl.reshape(wb.to(tl.uint32, bitcast=True), (BLOCK_N, NCHUNK, UNITS, 2)))
+            r_lo = (w1a & 0xFFFF) | (w1b << 16)
+            r_hi = (w1a >> 16) | (w1b & 0xFFFF0000)
         else:
-            f = _fields(_spread4(wa.to(tl.uint32, bitcast=True), BLOCK_N, NCHUNK, CW, V), BITS, V, 23 - BITS)
-            f = tl.reshape(f, (BLOCK_N, NCHUNK, CHUNK))
-            vb = _select(f, ((1 << BITS) - 1) << (23 - BITS), tl.full(f.shape, 0, tl.uint32) + one, USE_ASM)
-            p = tl.sum(vb.to(tl.float32, bitcast=True) * xq[None, :, :], axis=2)
-            qx = SCALE * (p - xsum[None, :])
+            w = wa.to(tl.uint32, bitcast=True)
+        p = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
+        for j in tl.static_range(H):
+            if BITS == 3:
+                if j < 8:
+                    f1 = _rotl(r_lo, (8 - 2 * j) & 31)
+                else:
+                    f1 = _rotl(r_hi, (24 - 2 * j) & 31)
+                hi = _select(f1, 0x03000300, ones, USE_ASM)  # (q >> 1) at bits 8-9 of each half
+                pairs = _select(_rotl(w0, (7 - j) & 31), 0x00800080, hi, USE_ASM)  # bit 0 at bit 7
+            else:
+                pairs = _select(_rotl(w, (10 - BITS - j * BITS) & 31), (((1 << BITS) - 1) << (10 - BITS)) * 0x10001,
+                                ones, USE_ASM)
+            v_lo, v_hi = _halves(pairs, USE_ASM)
+            p += v_lo * _take(x_lo, NCHUNK, UNITS, H, j)[None, :, :]
+            p += v_hi * _take(x_hi, NCHUNK, UNITS, H, j)[None, :, :]
+        p = tl.sum(p, axis=2)
         if PER_IC:
-            acc += qx - zx[None, :]
+            acc += p
+            acc_x += SCALE * xs + zx
         else:
-            # Per-OC: one scale and zero per (row, chunk): Σ (q − z)·s·x = s·(qx − z·Σx).
-            sp = rows_w[:, None] * stride_s0 + (kc // GROUP)[None, :] * stride_s1
+            # Per-OC: one scale and zero per (row, chunk): Σ (q − z)·s·x = 2^b·s·p − (2^b + z)·s·Σx.
+            kc = k0 + c * CHUNK
+            sp = rows_w[:, None] * stride_s0 + (kc >> GROUP_SHIFT)[None, :] * stride_s1
             if EVEN_K:
-                s = tl.load(s_ptr + sp).to(tl.float32)
-                z = tl.load(z_ptr + sp).to(tl.float32)
+                sc = tl.load(s_ptr + sp).to(tl.float32)
+                zc = tl.load(z_ptr + sp).to(tl.float32)
             else:
-                s = tl.load(s_ptr + sp, mask=(kc < K)[None, :], other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + sp, mask=(kc < K)[None, :], other=0.0).to(tl.float32)
-            acc += s * (qx - z * xsum[None, :])
-    y = tl.sum(acc, axis=1)
+                sc = tl.load(s_ptr + sp, mask=(kc < K)[None, :], other=0.0).to(tl.float32)
+                zc = tl.load(z_ptr + sp, mask=(kc < K)[None, :], other=0.0).to(tl.float32)
+            acc += (SCALE * sc) * p - ((SCALE + zc) * sc) * xs[None, :]
+    if PER_IC:
+        y = tl.sum(SCALE * acc - acc_x[None, :], axis=1)
+    else:
+        y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows_w).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
@@ -477,33 +529,57 @@ def _dequant_kernel(
 GEMV_MAX_M = 1  # the CUDA-core GEMV serves M = 1; from 2 rows on the tensor-core kernel costs no more
 
 
-# GEMV tiles (BLOCK_N, NCHUNK, num_warps, SPLIT_PLANES, PREFETCH). Threads take chunks first (32 a warp),
-# then the remaining warps split the rows, so a thread holds BLOCK_N / (warps on rows) rows of its chunk.
-# NCHUNK·chunk = 2048 codes a step divides both 4096 and 14336 (Llama's K) and keeps all threads busy.
-# Lists from an H100 sweep (bench/lowbit_gemm.py --sweep): one or two rows a thread won.
-GEMV_TILES = [(4, 64, 4, False, False), (4, 64, 4, False, True), (4, 64, 2, False, True), (8, 64, 4, False, True)]
-GEMV_TILES_3BIT = [(8, 32, 4, False, False), (4, 32, 4, False, True), (8, 32, 8, False, True),
-                   (8, 32, 4, True, True)]
+# GEMV launch configs (BLOCK_N, NCHUNK, UNITS, num_warps, PREFETCH): BLOCK_N rows a program, all of them
+# in every thread; NCHUNK chunks of UNITS units (words; 32-code blocks at 3 bits) a step, one or two chunks a
+# thread. Pre-tuned per (bits, layout, K, N) on an H100 (`bench/lowbit_gemm.py --sweep`); other shapes take
+# the default of their bit width.
+GEMV_DEFAULT = {2: (8, 128, 2, 4, False), 3: (8, 128, 2, 4, False), 4: (8, 128, 4, 4, False),
+                8: (8, 128, 4, 4, False)}
+GEMV_PRETUNED: dict[tuple, tuple] = {}
+GEMV_CANDIDATES = [(8, 128, 4, 4, False), (8, 128, 2, 4, False), (4, 128, 4, 4, False), (16, 128, 2, 4, False),
+                   (8, 128, 4, 4, True), (8, 64, 4, 2, False), (16, 256, 2, 8, False)]
 
 
-def _gemv_configs() -> list:
-    """GEMV tiles (both lists; pruned by bit width). Under TRITON_INTERPRET=1 a single small tile."""
+def gemv_unit(bits: int) -> int:
+    """Codes of K in one GEMV unit: a packed word (bits 2/4/8), or 32 codes of both planes (3 bits)."""
+    return 32 if bits == 3 else 32 // bits
+
+
+def gemv_min_units(bits: int) -> int:
+    """Fewest units a chunk: x is loaded as 8-element (16-byte) vectors, so a chunk holds at least 8 codes."""
+    return max(1, 8 // gemv_unit(bits))
+
+
+def gemv_min_chunk(bits: int) -> int:
+    """Fewest codes of K a GEMV chunk holds; per-OC groups must be a multiple of it."""
+    return gemv_min_units(bits) * gemv_unit(bits)
+
+
+def _gemv_fits(cfg: tuple, bits: int, group_size: int, per_ic: bool, k: int, n: int) -> bool:
+    """Per-OC, a chunk must lie inside one group; per-IC, a program's rows must (BLOCK_N ≤ group)."""
+    block_n, _, units, _, _ = cfg
+    if per_ic:
+        return group_size >= n or block_n <= group_size
+    return group_size >= k or group_size % (units * gemv_unit(bits)) == 0
+
+
+def _gemv_meta(bits: int, group_size: int, per_ic: bool, k: int, n: int) -> dict:
+    """The launch config of a GEMV call: pre-tuned for its shape, else its bit width's default, with chunks
+    (per-OC) or rows (per-IC) narrowed to fit a small group. Under TRITON_INTERPRET=1 a single small tile."""
     if _interpret_mode():
-        return [triton.Config({"BLOCK_N": 4, "NCHUNK": 4, "SPLIT_PLANES": False, "PREFETCH": True}, num_warps=1,
-                              num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": bn, "NCHUNK": nc, "SPLIT_PLANES": split, "PREFETCH": pre}, num_warps=w,
-                      num_stages=1)
-        for bn, nc, w, split, pre in GEMV_TILES + GEMV_TILES_3BIT
-    ]
+        return {"BLOCK_N": 4, "NCHUNK": 2, "UNITS": gemv_min_units(bits), "PREFETCH": True, "num_warps": 1,
+                "num_stages": 1}
+    block_n, nchunk, units, warps, prefetch = GEMV_PRETUNED.get((bits, "ic" if per_ic else "oc", k, n),
+                                                                GEMV_DEFAULT[bits])
+    while not _gemv_fits((block_n, nchunk, units, warps, prefetch), bits, group_size, per_ic, k, n):
+        units, block_n = (units // 2, block_n) if units > gemv_min_units(bits) else (units, block_n // 2)
+    return _gemv_kwargs((block_n, nchunk, units, warps, prefetch))
 
 
-def _prune_gemv(configs, named_args, **kwargs):
-    """3-bit chunks hold 64 codes (two planes): their own tile list, with fewer rows a thread."""
-    tiles = GEMV_TILES_3BIT if {**named_args, **kwargs}["BITS"] == 3 else GEMV_TILES
-    kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["NCHUNK"], c.num_warps, c.kwargs["SPLIT_PLANES"],
-                                   c.kwargs["PREFETCH"]) in tiles]
-    return kept or configs[:1]
+def _gemv_kwargs(cfg: tuple) -> dict:
+    block_n, nchunk, units, warps, prefetch = cfg
+    return {"BLOCK_N": block_n, "NCHUNK": nchunk, "UNITS": units, "PREFETCH": prefetch, "num_warps": warps,
+            "num_stages": 1}
 
 
 def _mma_configs() -> list:
@@ -554,13 +630,8 @@ def _prune_mma(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))]
 
 
-def gemv_chunk(bits: int) -> int:
-    """Codes of K one GEMV thread handles per step: one or two 16-byte loads (2 + 4 words at 3 bits)."""
-    return {2: 32, 3: 64, 4: 32, 8: 16}[bits]
-
-
 def _even_k_gemv(args) -> bool:
-    return args["K"] % (args["NCHUNK"] * gemv_chunk(args["BITS"])) == 0
+    return args["K"] % (args["NCHUNK"] * args["UNITS"] * gemv_unit(args["BITS"])) == 0
 
 
 def _even_k_mma(args) -> bool:
@@ -572,7 +643,8 @@ def _autotune_bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
-_HELPERS = ("_spread3", "_spread4", "_fields", "_select", "_dequant_tile", "_gemv_load")
+_HELPERS = ("_spread3", "_spread4", "_fields", "_select", "_rotl", "_take", "_halves", "_dequant_tile",
+            "_gemv_load")
 
 
 @functools.cache
@@ -580,12 +652,7 @@ def _kernels(interpret: bool) -> dict:
     """The autotuned kernels, built once per mode (`interpret` keys the cache; see the section note)."""
     for name in _HELPERS:
         globals()[name] = triton.jit(globals()[f"{name}_impl"])
-    gemv = triton.autotune(
-        configs=_gemv_configs(),
-        key=["N_BUCKET", "K_BUCKET", "BITS", "PER_IC", "HAS_BIAS"],
-        prune_configs_by={"early_config_prune": _prune_gemv},
-        do_bench=_autotune_bench,
-    )(triton.heuristics({"EVEN_K": _even_k_gemv})(triton.jit(_gemv_kernel)))
+    gemv = triton.heuristics({"EVEN_K": _even_k_gemv})(triton.jit(_gemv_kernel))  # configs: `_gemv_meta`
     mma = triton.autotune(
         configs=_mma_configs(),
         # GROUP: per-IC tiles must not be wider than a group, so the best tile differs by group size.
@@ -602,13 +669,14 @@ _TUNED_META: dict[tuple, dict] = {}
 
 
 def gemv_supported(x: torch.Tensor, bits: int, group_size: int, group_dim: str) -> bool:
-    """The GEMV needs each thread's K chunk (`gemv_chunk(bits)` codes) inside one per-OC group."""
-    return group_dim == "ic" or group_size % gemv_chunk(bits) == 0 or group_size >= x.shape[1]
+    """The GEMV needs each thread's K chunk (at least `gemv_min_chunk(bits)` codes) inside one per-OC group."""
+    return group_dim == "ic" or group_size % gemv_min_chunk(bits) == 0 or group_size >= x.shape[1]
 
 
 @dataclasses.dataclass
 class _Launch:
-    """One kernel call, planned: which kernel, its arguments and flags, its autotune key and grid."""
+    """One kernel call, planned: which kernel, its arguments and flags, its autotune key (the GEMV: its
+    pre-tuned config) and grid."""
 
     kernel: str
     args: tuple
@@ -617,6 +685,7 @@ class _Launch:
     grid: Callable[[dict], tuple]
     device: torch.device
     y: torch.Tensor
+    meta: dict | None = None
 
 
 def _plan(x, packed, scale, zero, bits, group_size, group_dim, bias, kernel: str) -> _Launch:
@@ -627,7 +696,7 @@ def _plan(x, packed, scale, zero, bits, group_size, group_dim, bias, kernel: str
     if not x.is_cuda and not _interpret_mode():
         raise ValueError(f"{name} runs on CUDA tensors (or any under TRITON_INTERPRET=1), got {x.device}")
     if kernel == "gemv" and not gemv_supported(x, bits, group_size, group_dim):
-        raise ValueError(f"the GEMV needs group_size to be a multiple of {gemv_chunk(bits)} or ≥ in_features "
+        raise ValueError(f"the GEMV needs group_size to be a multiple of {gemv_min_chunk(bits)} or ≥ in_features "
                          f"for group_dim='oc', got {group_size}; use lowbit_mma_triton")
     if packed.stride(1) != 1:
         packed = packed.contiguous()
@@ -645,10 +714,11 @@ def _plan(x, packed, scale, zero, bits, group_size, group_dim, bias, kernel: str
     dtypes = (x.dtype, bias.dtype if bias is not None else None)
     if kernel == "gemv":
         flags = {"BITS": bits, "PER_IC": per_ic, "HAS_BIAS": bias is not None, "USE_ASM": not _interpret_mode()}
-        buckets = (_bucket(n), _bucket(k))
-        args = (*head, n, k, -(-k // 32), group_size, ONE_BITS, *strides, *buckets)
-        return _Launch("gemv", args, flags, (*buckets, *flags.values(), *dtypes),
-                       lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m), x.device, y)
+        # group index = index >> shift; a group spanning the whole dimension (any size) has index 0
+        shift = group_size.bit_length() - 1 if group_size & (group_size - 1) == 0 else 31
+        args = (*head, n, k, -(-k // 32), shift, *strides)
+        return _Launch("gemv", args, flags, (), lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m), x.device, y,
+                       _gemv_meta(bits, group_size, per_ic, k, n))
     flags = {
         "BITS": bits,
         "PER_IC": per_ic,
@@ -664,21 +734,24 @@ def _plan(x, packed, scale, zero, bits, group_size, group_dim, bias, kernel: str
 
 
 def _run(call: _Launch, config: dict | None) -> torch.Tensor:
-    """Run the autotuned kernel; after its first call per key, launch the chosen config directly.
+    """Run the kernel: the GEMV with its pre-tuned config; the tensor-core kernel autotuned on its first call
+    per key, then launched with the chosen config directly.
 
-    `config` (tile kwargs plus num_warps / num_stages) bypasses autotuning: tests and tile sweeps.
+    `config` (tile kwargs plus num_warps / num_stages) overrides either: tests and tile sweeps.
     """
     if call.y.numel() == 0:
         return call.y
     interpret = _interpret_mode()
     autotuned = _kernels(interpret)[call.kernel]
     key = (call.kernel, *call.tune_key, interpret)
-    meta = config if config is not None else _TUNED_META.get(key)
+    meta = config if config is not None else (call.meta or _TUNED_META.get(key))
     device_ctx = contextlib.nullcontext()
     if call.device.type == "cuda" and call.device.index != torch.cuda.current_device():
         device_ctx = torch.cuda.device(call.device)  # triton launches on the current device
     with device_ctx:
-        if meta is None:
+        if call.kernel == "gemv":
+            autotuned[call.grid(meta)](*call.args, **call.flags, **meta)
+        elif meta is None:
             # The first call for a key goes through triton's Autotuner (benchmarks the candidates); later
             # ones launch the chosen config, skipping the Autotuner's per-call host work.
             autotuned[call.grid](*call.args, **call.flags)
@@ -689,12 +762,19 @@ def _run(call: _Launch, config: dict | None) -> torch.Tensor:
 
 
 def candidate_configs(x, packed, scale, zero, bits, group_size, group_dim, bias=None, kernel: str = "mma") -> list[dict]:
-    """The tile configs (launch kwargs) the autotuner would try for this call, after pruning."""
+    """The tile configs (launch kwargs) for this call: the autotuner's candidates after pruning; for the GEMV
+    its pre-tuned config first, then the other `GEMV_CANDIDATES` that fit (tuning and checks)."""
     call = _plan(x, packed, scale, zero, bits, group_size, group_dim, bias, kernel)
+    if kernel == "gemv":
+        if _interpret_mode():
+            return [call.meta]
+        k, n = x.shape[1], packed.shape[0]
+        fits = [_gemv_kwargs(c) for c in GEMV_CANDIDATES
+                if _gemv_fits(c, bits, group_size, group_dim == "ic", k, n)]
+        return [call.meta] + [c for c in fits if c != call.meta]
     autotuned = _kernels(_interpret_mode())[kernel]
     named = dict(zip(autotuned.arg_names, call.args))
-    prune = _prune_gemv if kernel == "gemv" else _prune_mma
-    return [c.all_kwargs() for c in prune(autotuned.configs, named, **call.flags)]
+    return [c.all_kwargs() for c in _prune_mma(autotuned.configs, named, **call.flags)]
 
 
 def compile_candidates(x, packed, scale, zero, bits, group_size, group_dim, bias=None, kernel: str = "mma",
@@ -705,7 +785,9 @@ def compile_candidates(x, packed, scale, zero, bits, group_size, group_dim, bias
     benchmark does) fills the shared on-disk cache in parallel.
     """
     call = _plan(x, packed, scale, zero, bits, group_size, group_dim, bias, kernel)
-    heur = _kernels(_interpret_mode())[kernel].fn
+    heur = _kernels(_interpret_mode())[kernel]
+    if kernel != "gemv":
+        heur = heur.fn  # the Autotuner's wrapped triton.heuristics
     if configs is None:
         configs = candidate_configs(x, packed, scale, zero, bits, group_size, group_dim, bias, kernel)
     named = dict(zip(heur.arg_names, call.args))

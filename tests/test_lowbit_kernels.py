@@ -252,16 +252,17 @@ def test_half_precision_activations(dtype, layout):
 
 @needs_triton
 @pytest.mark.parametrize("prefetch", [False, True], ids=["inline-loads", "prefetch"])
-@pytest.mark.parametrize("bits, split", [(3, False), (3, True), (4, False)], ids=["3bit-merged", "3bit-split", "4bit"])
-def test_gemv_variants_and_whole_row_group(bits, split, prefetch):
-    # The GEMV's code variants (3-bit planes merged or summed apart; loads issued a step ahead or not) on a
-    # single group spanning K (192, not a power of two) and a ragged K tail (192 = 1.5 steps of 128 codes).
+@pytest.mark.parametrize("wide", [False, True], ids=["min-units", "double-units"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gemv_variants_and_whole_row_group(bits, wide, prefetch):
+    # The GEMV's launch variants (units a chunk; loads issued a step ahead or not) on a single group spanning K
+    # (192, not a power of two) and a ragged K tail (192 is not a multiple of the step).
     k, n = 192, 20
     _, packed, scale, zero = _layer(n, k, bits, k, "oc", seed=40 + bits)
     x = _x(1, k, torch.float32, seed=41)
     ref = lm.lowbit_matmul_reference(x, packed, scale, zero, bits, k, "oc")
-    cfg = {"BLOCK_N": 4, "NCHUNK": 4 if bits == 4 else 2, "SPLIT_PLANES": split, "PREFETCH": prefetch,
-           "num_warps": 1, "num_stages": 1}
+    units = lm.gemv_min_units(bits) * (2 if wide else 1)
+    cfg = {"BLOCK_N": 4, "NCHUNK": 2, "UNITS": units, "PREFETCH": prefetch, "num_warps": 1, "num_stages": 1}
     assert _rel(ref, lm.lowbit_gemv_triton(x, packed, scale, zero, bits, k, "oc", config=cfg)) < FP32_TOL
 
 
@@ -279,15 +280,16 @@ def test_dequant_kernel_is_exact(bits, layout, group):
 def test_dispatch_by_m_and_group_layout():
     k, n = 96, 16
     x1 = _x(1, k, torch.float32, seed=50)
-    _, packed, scale, zero = _layer(n, k, 3, 32, "oc", seed=51)
-    assert lm.gemv_supported(x1, 4, 32, "oc") and not lm.gemv_supported(x1, 3, 32, "oc")  # 3-bit chunks: 64
+    _, packed, scale, zero = _layer(n, k, 3, 16, "oc", seed=51)
+    assert lm.gemv_supported(x1, 4, 32, "oc") and not lm.gemv_supported(x1, 3, 16, "oc")  # 3-bit chunks: 32
+    assert lm.gemv_supported(x1, 8, 8, "oc") and not lm.gemv_supported(x1, 8, 4, "oc")  # x vectors: 8 codes
     assert lm.gemv_supported(x1, 3, 16, "ic") and lm.gemv_supported(x1, 3, 96, "oc")
     with pytest.raises(ValueError, match="use lowbit_mma_triton"):
-        lm.lowbit_gemv_triton(x1, packed, scale, zero, 3, 32, "oc")
+        lm.lowbit_gemv_triton(x1, packed, scale, zero, 3, 16, "oc")
     # The dispatcher sends this M=1 call to the tensor-core kernel instead, with the same result.
-    ref = lm.lowbit_matmul_reference(x1, packed, scale, zero, 3, 32, "oc")
-    assert _rel(ref, lm.lowbit_matmul_triton(x1, packed, scale, zero, 3, 32, "oc")) < FP32_TOL
-    y = lm.lowbit_matmul(x1, packed, scale, zero, 3, 32, "oc")
+    ref = lm.lowbit_matmul_reference(x1, packed, scale, zero, 3, 16, "oc")
+    assert _rel(ref, lm.lowbit_matmul_triton(x1, packed, scale, zero, 3, 16, "oc")) < FP32_TOL
+    y = lm.lowbit_matmul(x1, packed, scale, zero, 3, 16, "oc")
     if CUDA:
         assert _rel(ref, y) < FP32_TOL
     else:  # CPU tensors always take the reference
