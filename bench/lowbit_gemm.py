@@ -250,8 +250,20 @@ def check_all_tiles(workers: int) -> list[str]:
     return fails
 
 
+# GEMV grid swept besides the kernel's own candidates: rows a program, units a chunk, (chunks a step, warps).
+SWEEP_GEMV_GRID = [(bn, nc, u, wp, False) for bn in (1, 2, 4) for u in (1, 2, 4) for nc, wp in ((64, 2), (128, 4),
+                                                                                                (256, 8))]
+
+
 def _sweep_configs(x, w, bits, group, layout, kernel) -> list[dict]:
     cands = lm.candidate_configs(x, *w, bits, group, layout, kernel=kernel)  # GEMV: every fitting candidate
+    if kernel == "gemv":
+        k, n = x.shape[1], w[0].shape[0]
+        for cfg in SWEEP_GEMV_GRID:
+            kw = lm._gemv_kwargs(cfg)
+            if cfg[2] >= lm.gemv_min_units(bits) and lm._gemv_fits(cfg, bits, group, layout == "ic", k, n) \
+                    and kw not in cands:
+                cands.append(kw)
     return cands[:2] if kernel == "mma" and x.shape[0] == 1 else cands
 
 

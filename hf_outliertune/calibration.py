@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
+
+from .offload import Offload
 
 
 class CalibrationError(ValueError):
@@ -65,24 +68,43 @@ class BlockInputs:
 
 
 def capture_block_inputs(
-    model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, batch_size: int
+    model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, offload: Offload | None = None
 ) -> BlockInputs:
     """Run the model once to record block 0's input and the keyword arguments each block receives.
 
     Each block's kwargs (masks, rotary embeddings...) are recorded separately because architectures
     such as Gemma 2/3 give alternate blocks different masks and rotary tables.
+
+    With an active `offload`, the blocks stay where they are and are not run (each passes its input through
+    unchanged: only block 0's input is kept, and the kwargs do not depend on the hidden states), the model's
+    other modules (embeddings, rotary tables...) visit the execution device for the pass, and what is
+    recorded is kept on CPU.
     """
-    device = next(layers[0].parameters()).device
+    if offload is None or not offload.active:
+        return _capture(model, layers, input_ids, batch_size, next(layers[0].parameters()).device, None)
+    with _non_block_modules_on(model, layers, offload.device), _blocks_skipped(layers):
+        return _capture(model, layers, input_ids, batch_size, offload.device, offload)
+
+
+def _capture(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    offload: Offload | None,
+) -> BlockInputs:
     captured = BlockInputs(hidden=[], layer_kwargs=[[] for _ in layers])
     handles = []
+    memo: dict = {}  # offloaded: one CPU copy of a tensor that several blocks' kwargs share (per batch)
 
     def make_hook(idx: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]):
             kw = dict(kwargs)
             hidden = args[0] if args else kw.pop("hidden_states")
             if idx == 0:
-                captured.hidden.append(hidden.detach())
-            captured.layer_kwargs[idx].append(kw)
+                captured.hidden.append(offload.store(hidden.detach()) if offload is not None else hidden.detach())
+            captured.layer_kwargs[idx].append(offload.store(kw, memo) if offload is not None else kw)
             if idx == len(layers) - 1:
                 raise _StopForward
 
@@ -93,14 +115,69 @@ def capture_block_inputs(
     try:
         with torch.no_grad():
             for batch in input_ids.split(batch_size):
+                memo.clear()
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _StopForward:
                     pass
     finally:
+        memo.clear()
         for h in handles:
             h.remove()
     return captured
+
+
+@contextmanager
+def _blocks_skipped(layers: nn.ModuleList):
+    """Make every block return its input unchanged (its pre-hooks still run) for the duration.
+
+    Supported architectures' blocks return the hidden states as a tensor (transformers >= 5)."""
+
+    def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    try:
+        for layer in layers:
+            layer.forward = passthrough  # an instance attribute, found before the class's forward
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+@contextmanager
+def _non_block_modules_on(model: nn.Module, layers: nn.ModuleList, device: torch.device):
+    """Move every parameter and buffer of `model` outside `layers` (embeddings, rotary tables, final norm) to
+    `device` for the duration, then each back to where it was. An untied output head is not needed (the pass
+    stops at the last block) and stays where it is."""
+
+    def ids(module: nn.Module | None) -> set[int]:
+        return {id(t) for t in (*module.parameters(), *module.buffers())} if module is not None else set()
+
+    untied_head = ids(model.get_output_embeddings()) - ids(model.get_input_embeddings())
+    stay = ids(layers) | untied_head
+    moved: list[tuple[nn.Module, str, bool, torch.device]] = []
+    try:
+        for module in model.modules():
+            for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                if tensor is None or id(tensor) in stay or tensor.device == device:
+                    continue
+                is_param = name in module._parameters
+                moved.append((module, name, is_param, tensor.device))
+                stay.add(id(tensor))  # a tensor shared by two modules (tied weights) moves once
+                _set_tensor(module, name, is_param, tensor, device)
+        yield
+    finally:
+        for module, name, is_param, home in reversed(moved):
+            tensor = module._parameters[name] if is_param else module._buffers[name]
+            _set_tensor(module, name, is_param, tensor, home)
+
+
+def _set_tensor(module: nn.Module, name: str, is_param: bool, tensor: torch.Tensor, device: torch.device) -> None:
+    if is_param:
+        tensor.data = tensor.data.to(device)  # same Parameter object: tied weights stay tied
+    else:
+        module._buffers[name] = tensor.to(device)
 
 
 def run_block(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

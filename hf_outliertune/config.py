@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "hf_outliertune"
@@ -39,6 +40,23 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"OutlierTuneConfig.{name}={value!r} is invalid; it must be an integer >= {minimum}.")
+
+
+def check_calibration_device(device: Any) -> str | None:
+    """`calibration_device` as stored: None, or a torch device other than 'meta' as its string ('cuda', 'cuda:1',
+    'cpu'), so the config stays JSON-safe. Whether the device exists on this machine is checked when quantizing."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type == "meta":
+        raise ValueError(
+            f"OutlierTuneConfig.calibration_device={device!r} is invalid; pass None (calibrate where the model is) "
+            "or a device string such as 'cuda', 'cuda:1' or 'cpu'."
+        )
+    return str(parsed)
 
 
 class OutlierTuneConfig(QuantizationConfigMixin):
@@ -88,6 +106,12 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         num_samples: number of calibration sequences.
         seq_len: tokens per calibration sequence.
         calibration_batch_size: sequences per forward pass during calibration.
+        calibration_device: ``None`` (default): calibrate where the model is. A device (``"cuda"``,
+            ``"cuda:1"``, ``"cpu"``): calibrate and quantize one decoder block at a time on it, for models larger
+            than that device's memory. The model stays where it is (e.g. on CPU); each block moves to the device
+            for its calibration and moves back quantized, and the activations between blocks wait on CPU and
+            reach the device `calibration_batch_size` sequences at a time (docs/memory.md). Used when
+            quantizing only; a pre-quantized checkpoint loads where `device_map` says.
         modules_to_not_convert: module names (or name suffixes) kept in floating point; the lm_head
             and tied output embeddings are always kept.
         module_formats: filled in after quantization: per quantized module, how its input is quantized.
@@ -122,6 +146,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         module_formats: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
         calibration_summary: dict[str, Any] | None = None,
+        calibration_device: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -151,6 +176,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         self.module_formats = module_formats
         self.format_version = format_version
         self.calibration_summary = calibration_summary
+        self.calibration_device = calibration_device
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
             raise ValueError(f"OutlierTuneConfig got unknown arguments {sorted(unknown)}; remove them.")
@@ -186,6 +212,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         _check_int("seq_len", self.seq_len, 2)
         _check_int("calibration_batch_size", self.calibration_batch_size, 1)
         _check_int("seed", self.seed, 0)
+        self.calibration_device = check_calibration_device(self.calibration_device)
         _check_int("format_version", self.format_version, 1)
         if self.format_version > FORMAT_VERSION:
             raise ValueError(

@@ -4,6 +4,9 @@ For each decoder block, in order: the block's input comes from the already-quant
 each stage of the block (a norm and its readers, or a linear with a non-norm input) is calibrated on
 what the block now computes, folded, quantized and swapped in; then the block's output is computed for
 the next block. Peak memory is one block's calibration state on top of the model.
+
+With `config.calibration_device` set (offload.py), each block visits that device for its calibration and
+returns quantized, and the activations between blocks wait on CPU: peak device memory is one block.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from .calibration import (
     capture_block_inputs,
     collect_stats,
     load_texts,
-    run_block,
 )
 from .config import OutlierTuneConfig
 from .folding import fold_into_linear, fold_into_norm, fold_into_producer, reduce_to_producer
 from .modules import OutlierTuneLinear
+from .offload import Offload
 from .rotation import hadamard_block_size, rotate, rotate_hessian
 
 MAX_CLIP_TOKENS = 8192
@@ -59,27 +62,29 @@ def quantize_model(model: nn.Module, config: OutlierTuneConfig, tokenizer: Any) 
     input_ids = calibration_windows(
         load_texts(config.dataset), tokenizer, config.num_samples, config.seq_len, config.seed
     )
+    offload = Offload(config.calibration_device)  # inactive (no moves, no copies) when None
     was_training = model.training
     model.eval()
-    inputs = capture_block_inputs(model, layers, input_ids, config.calibration_batch_size)
+    inputs = capture_block_inputs(model, layers, input_ids, config.calibration_batch_size, offload)
     sample_stride = max(1, math.ceil(input_ids.numel() / MAX_CLIP_TOKENS))
     formats: dict[str, dict[str, Any]] = {}
     for i, layer in enumerate(tqdm(layers, desc="OutlierTune: quantizing blocks")):
-        kwargs_i = inputs.layer_kwargs[i]
-        block_inputs = list(zip(inputs.hidden, kwargs_i))
-        for stage in spec.stages:
-            names = stage.linears if isinstance(stage, NormGroup) else stage
-            prefix = f"{layers_prefix}.{i}"
-            selected = {n for n in names if f"{prefix}.{n}" in to_quantize}
-            if isinstance(stage, NormGroup):
-                _migrate_consumers(layer, stage, spec, block_inputs, config, prefix, to_quantize)
-                _quantize_norm_group(layer, stage, selected, block_inputs, config, spec, prefix, sample_stride, formats)
-            else:
-                for name in sorted(selected, key=names.index):
-                    static = config.non_norm_activations == "static" and name in dict(spec.producers)
-                    _quantize_non_norm_linear(layer, name, static, block_inputs, config, prefix, formats)
-        with torch.no_grad():
-            inputs.hidden = [run_block(layer, h, kw) for h, kw in block_inputs]
+        with offload.block(layer):  # offloaded: the block visits the execution device, its inputs stream in
+            block_inputs = offload.batches(inputs.hidden, inputs.layer_kwargs[i])
+            for stage in spec.stages:
+                names = stage.linears if isinstance(stage, NormGroup) else stage
+                prefix = f"{layers_prefix}.{i}"
+                selected = {n for n in names if f"{prefix}.{n}" in to_quantize}
+                if isinstance(stage, NormGroup):
+                    _migrate_consumers(layer, stage, spec, block_inputs, config, prefix, to_quantize)
+                    _quantize_norm_group(
+                        layer, stage, selected, block_inputs, config, spec, prefix, sample_stride, formats
+                    )
+                else:
+                    for name in sorted(selected, key=names.index):
+                        static = config.non_norm_activations == "static" and name in dict(spec.producers)
+                        _quantize_non_norm_linear(layer, name, static, block_inputs, config, prefix, formats)
+            inputs.hidden = offload.run(layer, block_inputs)
         _check_finite(inputs.hidden, f"the output of block {i}")
     model.train(was_training)
     return formats

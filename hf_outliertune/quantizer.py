@@ -21,6 +21,7 @@ from .config import FORMAT_VERSION, QUANT_METHOD, OutlierTuneConfig
 from .fusion import fuse_norm_quant
 from .hub import attach
 from .modules import ACT_MODES, OutlierTuneLinear
+from .offload import check_materialized, resolve_device
 from .pipeline import quantize_model
 from .weight_only_linear import WEIGHT_ONLY_ACT, WeightOnlyLinear
 from .weight_only_pipeline import quantize_weight_only
@@ -34,6 +35,8 @@ class OutlierTuneHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
         if not self.pre_quantized and self.quantization_config.needs_calibration:
             load_texts(self.quantization_config.dataset)  # fail before loading weights, not after
+        if not self.pre_quantized:
+            resolve_device(self.quantization_config.calibration_device)  # e.g. 'cuda' on a machine without one
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("hf-outliertune does not support disk offload; use a device_map without 'disk'.")
 
@@ -134,7 +137,11 @@ def resolve_tokenizer(tokenizer: Any, model: nn.Module) -> Any:
 
 
 def apply_quantization(model: nn.Module, config: OutlierTuneConfig) -> None:
-    """Run the calibration pipeline and record what a reload needs in `config`."""
+    """Run the calibration pipeline and record what a reload needs in `config`.
+
+    With `config.calibration_device` set, the model stays where it is (typically CPU, e.g. loaded with
+    `device_map="cpu"`) and each decoder block is calibrated and quantized on that device in turn (offload.py)."""
+    check_materialized(model)
     tokenizer = resolve_tokenizer(config.tokenizer, model) if config.needs_calibration else None
     run = quantize_weight_only if config.weight_only else quantize_model
     config.module_formats = run(model, config, tokenizer)

@@ -13,6 +13,8 @@ measured on at most `CRITERION_MAX_TOKENS` calibration tokens; own outputs exact
 trace(Δ H Δᵀ). Unlike the paper, GPTQ-AdaDim compares the two GPTQ results rather than the two RTN ones:
 the choice is made on the weights that will actually be stored. The choice is recorded per layer in
 `module_formats`, so a reload needs no calibration. Peak extra memory is one block's calibration state.
+With `config.calibration_device` set (offload.py), each block is calibrated and quantized on that device and
+returns quantized; the activations between blocks wait on CPU.
 
 RTN with a fixed layout and min-max groups uses no data at all: each linear is rounded directly.
 """
@@ -32,6 +34,7 @@ from .architectures import NormGroup, decoder_layers, resolve_arch
 from .calibration import CalibrationError, ChannelStats, calibration_windows, capture_block_inputs, collect_stats
 from .calibration import load_texts, run_block
 from .config import OutlierTuneConfig
+from .offload import Offload
 from .pipeline import NoQuantizableLinearError
 from .weight_only_linear import WeightOnlyLinear
 
@@ -54,39 +57,44 @@ def quantize_weight_only(model: nn.Module, config: OutlierTuneConfig, tokenizer:
             f"No linear layer is left to quantize (modules_to_not_convert={skip}); remove some exclusions."
         )
     formats: dict[str, dict[str, Any]] = {}
+    offload = Offload(config.calibration_device)  # inactive (no moves, no copies) when None
     if not config.needs_calibration:
-        for name in tqdm(to_quantize, desc="AdaDim RTN: quantizing"):
-            _swap(model, name, _quantize(model.get_submodule(name).weight.data, None, 0, config.group_dim, config),
-                  formats)
+        with tqdm(total=len(to_quantize), desc="AdaDim RTN: quantizing") as bar:
+            for prefix, layer in zip(prefixes, layers):
+                with offload.block(layer):
+                    for name in [n for n in spec.all_linears if f"{prefix}.{n}" in to_quantize]:
+                        weight = layer.get_submodule(name).weight.data
+                        _swap(layer, name, _quantize(weight, None, 0, config.group_dim, config), formats, prefix)
+                        bar.update()
         return formats
     input_ids = calibration_windows(
         load_texts(config.dataset), tokenizer, config.num_samples, config.seq_len, config.seed
     )
     was_training = model.training
     model.eval()
-    inputs = capture_block_inputs(model, layers, input_ids, config.calibration_batch_size)
+    inputs = capture_block_inputs(model, layers, input_ids, config.calibration_batch_size, offload)
     criterion_batches = max(1, math.ceil(CRITERION_MAX_TOKENS / (config.calibration_batch_size * config.seq_len)))
     for i, layer in enumerate(tqdm(layers, desc=f"AdaDim W{config.weight_bits}: quantizing blocks")):
-        block_inputs = list(zip(inputs.hidden, inputs.layer_kwargs[i]))
-        chosen: dict[str, tuple[adadim.GroupQuantized, dict[str, Any] | None]] = {}
-        for stage in spec.stages:
-            names = stage.linears if isinstance(stage, NormGroup) else stage
-            selected = [n for n in names if f"{prefixes[i]}.{n}" in to_quantize]
-            if selected:
-                module = _criterion_module(selected) if isinstance(stage, NormGroup) else None
-                chosen.update(_quantize_stage(layer, selected, module, block_inputs,
-                                              block_inputs[:criterion_batches], config, prefixes[i]))
-        with torch.no_grad():
-            inputs.hidden = [run_block(layer, h, kw) for h, kw in block_inputs]
-        if not all(torch.isfinite(h).all() for h in inputs.hidden):
-            raise CalibrationError(
-                f"NaN/inf activations in the output of block {i} during calibration; load the model with "
-                "dtype=torch.float32 or check its weights."
-            )
-        for name, (quantized, criterion) in chosen.items():
-            _swap(layer, name, quantized, formats, prefixes[i])
-            if criterion is not None:
-                formats[f"{prefixes[i]}.{name}"]["criterion"] = criterion
+        with offload.block(layer):  # offloaded: the block visits the execution device, its inputs stream in
+            block_inputs = offload.batches(inputs.hidden, inputs.layer_kwargs[i])
+            chosen: dict[str, tuple[adadim.GroupQuantized, dict[str, Any] | None]] = {}
+            for stage in spec.stages:
+                names = stage.linears if isinstance(stage, NormGroup) else stage
+                selected = [n for n in names if f"{prefixes[i]}.{n}" in to_quantize]
+                if selected:
+                    module = _criterion_module(selected) if isinstance(stage, NormGroup) else None
+                    chosen.update(_quantize_stage(layer, selected, module, block_inputs,
+                                                  block_inputs[:criterion_batches], config, prefixes[i]))
+            inputs.hidden = offload.run(layer, block_inputs)
+            if not all(torch.isfinite(h).all() for h in inputs.hidden):
+                raise CalibrationError(
+                    f"NaN/inf activations in the output of block {i} during calibration; load the model with "
+                    "dtype=torch.float32 or check its weights."
+                )
+            for name, (quantized, criterion) in chosen.items():
+                _swap(layer, name, quantized, formats, prefixes[i])
+                if criterion is not None:
+                    formats[f"{prefixes[i]}.{name}"]["criterion"] = criterion
     model.train(was_training)
     return formats
 

@@ -300,7 +300,7 @@ def test_dispatch_by_m_and_group_layout():
 def test_tuned_tiles_are_keyed_by_group_size():
     # A per-IC tile must not be wider than a group: a tile tuned for g=128 (BLOCK_N 128) must not be reused
     # for g=64 on the same shape. Both the cached launch key and triton's autotune key carry the group size.
-    x = torch.empty(256, 64)
+    x = torch.empty(256, 64, device=DEVICE)
     keys = []
     for g in (128, 64):
         _, packed, scale, zero = _layer(256, 64, 4, g, "ic", seed=g)
