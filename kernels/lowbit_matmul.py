@@ -533,11 +533,16 @@ GEMV_MAX_M = 1  # the CUDA-core GEMV serves M = 1; from 2 rows on the tensor-cor
 # in every thread; NCHUNK chunks of UNITS units (words; 32-code blocks at 3 bits) a step, one or two chunks a
 # thread. Pre-tuned per (bits, layout, K, N) on an H100 (`bench/lowbit_gemm.py --sweep`); other shapes take
 # the default of their bit width.
-GEMV_DEFAULT = {2: (8, 128, 2, 4, False), 3: (8, 128, 2, 4, False), 4: (8, 128, 4, 4, False),
-                8: (8, 128, 4, 4, False)}
-GEMV_PRETUNED: dict[tuple, tuple] = {}
-GEMV_CANDIDATES = [(8, 128, 4, 4, False), (8, 128, 2, 4, False), (4, 128, 4, 4, False), (16, 128, 2, 4, False),
-                   (8, 128, 4, 4, True), (8, 64, 4, 2, False), (16, 256, 2, 8, False)]
+GEMV_DEFAULT = {2: (4, 64, 2, 2, False), 3: (4, 64, 1, 2, False), 4: (4, 64, 4, 2, False),
+                8: (4, 64, 4, 2, False)}
+GEMV_PRETUNED: dict[tuple, tuple] = {  # H100 sweep at g128, 2026-11-24 (docs/lowbit_gemv_sweep_h100.json)
+    (4, "oc", 4096, 14336): (4, 64, 4, 2, False), (4, "ic", 4096, 14336): (4, 128, 1, 4, False),
+    (4, "oc", 14336, 4096): (4, 64, 4, 2, False), (4, "ic", 14336, 4096): (8, 128, 2, 4, False),
+    (3, "oc", 4096, 14336): (4, 64, 1, 2, False), (3, "ic", 4096, 14336): (4, 64, 1, 2, False),
+    (3, "oc", 14336, 4096): (4, 64, 1, 2, False), (3, "ic", 14336, 4096): (4, 64, 1, 2, False),
+}
+GEMV_CANDIDATES = [(4, 64, 4, 2, False), (4, 64, 2, 2, False), (4, 64, 1, 2, False), (4, 128, 1, 4, False),
+                   (8, 128, 2, 4, False), (4, 128, 4, 4, False), (2, 64, 1, 2, False), (8, 128, 4, 4, True)]
 
 
 def gemv_unit(bits: int) -> int:
