@@ -50,6 +50,7 @@ FORMAT = "compressed-tensors"
 # widths are valid compressed-tensors and load in transformers, so they are exported with a warning.
 VLLM_W8A8_BITS = (8,)
 VLLM_WEIGHT_ONLY_BITS = (4, 8)
+SUPPORTED_CT_VERSION = "0.17."  # the compressed-tensors releases the export is tested against
 _SHOWN = 6  # layers named per problem in an error message
 
 
@@ -81,8 +82,15 @@ def _ct():
     except ImportError as err:
         raise ImportError(
             "Exporting to the compressed-tensors format needs the compressed-tensors package: "
-            "pip install 'hf-outliertune[export]' (compressed-tensors>=0.17)"
+            "pip install 'hf-outliertune[export]' (compressed-tensors 0.17.x)"
         ) from err
+    version = getattr(compressed_tensors, "__version__", "unknown")
+    if not version.startswith(SUPPORTED_CT_VERSION):
+        raise ImportError(
+            f"compressed-tensors {version} is installed; the export is written and tested for "
+            f"{SUPPORTED_CT_VERSION}x (newer releases store pack-quantized zero points differently). "
+            "pip install 'hf-outliertune[export]' installs a supported version."
+        )
     return compressed_tensors
 
 

@@ -96,3 +96,13 @@ def test_unsupported_settings_are_refused_and_nothing_is_written(arch, overrides
 def test_float_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="hf-outliertune"):
         export_compressed_tensors(tiny_model("llama"), tmp_path)
+
+
+def test_unsupported_compressed_tensors_version_is_refused_before_writing(monkeypatch, tmp_path):
+    import compressed_tensors
+
+    monkeypatch.setattr(compressed_tensors, "__version__", "0.20.0")
+    out = tmp_path / "export"
+    with pytest.raises(ImportError, match=r"0\.20\.0 is installed.*0\.17\.x"):
+        export_compressed_tensors(_quantized("llama", **WO_OC), out)
+    assert not out.exists()
