@@ -30,9 +30,8 @@ def quantize(
             "model first (from_config without that key, then load_state_dict); see hf_outliertune.models."
         )
     if device is not None:
-        device = check_calibration_device(device)  # a valid device string...
-        resolve_device(device)  # ...of a device that exists here, checked before any work
-        config.calibration_device = device
+        resolve_device(device)  # a valid device that exists here, checked before any work
+        config.calibration_device = check_calibration_device(device)  # stored as its string
     if tokenizer is not None:
         config.tokenizer = tokenizer
     apply_quantization(model, config)

@@ -166,14 +166,18 @@ _FIXES = {
 }
 
 
+def _shown(names: list[str]) -> str:
+    """The first `_SHOWN` names, and how many more there are."""
+    return ", ".join(names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
 def _raise_problems(problems: dict[str, list[str]], model_type: str | None) -> None:
     found = {kind: names for kind, names in problems.items() if names}
     if not found:
         return
     parts = []
     for kind, names in found.items():
-        shown = ", ".join(names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
-        parts.append(f"{_FIXES[kind]}. Layers: {shown}.")
+        parts.append(f"{_FIXES[kind]}. Layers: {_shown(names)}.")
     raise ExportError(
         f"Cannot export this {model_type or ''} model to the {FORMAT} format: " + " ".join(parts)
     )
@@ -358,11 +362,10 @@ def _reference_state(config, qconfig) -> dict[str, tuple[tuple[int, ...], torch.
 def _check_against_reference(state: dict[str, torch.Tensor], expected: dict, model_type: str | None) -> None:
     extra_bias = sorted(k for k in state if k not in expected and k.endswith(".bias"))
     if extra_bias:
-        shown = ", ".join(extra_bias[:_SHOWN]) + (f" and {len(extra_bias) - _SHOWN} more" if len(extra_bias) > _SHOWN else "")
         raise ExportError(
             f"Cannot export this {model_type} model to the {FORMAT} format: folding a symmetrization shift gave "
             f"these linears a bias (b = W·z) that the {model_type} architecture does not have, so a plain "
-            f"transformers or vLLM model would drop it: {shown}. Re-quantize with symmetrize=False "
+            f"transformers or vLLM model would drop it: {_shown(extra_bias)}. Re-quantize with symmetrize=False "
             "(CLI: --no-symmetrize)."
         )
     problems = [f"unexpected {k}" for k in state if k not in expected]

@@ -18,24 +18,22 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from .config import check_calibration_device
+
 STORAGE = torch.device("cpu")  # where the hidden states between blocks wait in offloaded mode
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
     """The execution device as a `torch.device` with an explicit index, checked to be usable; None stays None."""
-    if device is None:
+    name = check_calibration_device(device)  # a device string other than 'meta', or ValueError
+    if name is None:
         return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"calibration device {device!r} is not a torch device ('cuda', 'cuda:1', 'cpu').") from err
-    if dev.type == "meta":
-        raise ValueError("calibration device 'meta' holds no data; use 'cuda', 'cuda:N' or 'cpu'.")
+    dev = torch.device(name)
     try:
         torch.empty(0, device=dev)
     except Exception as err:  # no CUDA build, no driver, invalid ordinal...
         raise ValueError(
-            f"calibration device {str(dev)!r} cannot be used on this machine ({type(err).__name__}: {err}). "
+            f"calibration device {name!r} cannot be used on this machine ({type(err).__name__}: {err}). "
             "Pass a device that exists, or calibration_device=None to calibrate where the model is."
         ) from err
     if dev.type == "cuda" and dev.index is None:

@@ -8,12 +8,13 @@ grouped along K (`group_dim="oc"`, indexed `[n, k // g]`) or along N (`"ic"`, in
 `lowbit_matmul_reference` is the specification (pure PyTorch, any device, differentiable w.r.t. x).
 Triton kernels implement it on the GPU; `lowbit_matmul` dispatches by device and M:
 
-- `_gemv_kernel` (M = 1, decode): CUDA-core GEMV. Each thread owns a chunk of K (32 codes; 64 at 3 bits) for
-  several rows and loads it with 16-byte word vectors; each field is moved by one shift and merged by one LOP3
-  into the mantissa of a float in [1, 2) (`v = 1 + q / 2^b`, no int→float conversion), so that
-  Σ q·x = 2^b·(Σ v·x − Σ x) costs one multiply-add a code. The group's scale and zero are applied once per
-  chunk: Σ (q − z)·s·x = s·(Σ q·x − z·Σ x). Per-IC scales vary along K, so they scale x instead (x' = s·x,
-  with Σ z·x' the same for every row), which needs all rows of a program in one group (BLOCK_N ≤ 16 ≤ g).
+- `_gemv_kernel` (M = 1, decode): CUDA-core GEMV. Each thread owns a chunk of K (`UNITS` packed words; at
+  3 bits, 32-code blocks of both planes) for all `BLOCK_N` rows of its program, loaded as 16-byte vectors. One
+  shift and one LOP3 put two codes into an fp16 pair `v = 1 + q / 2^b` (no int→float conversion), each half
+  widens to fp32 and meets its x in one FMA, so Σ q·x = 2^b·(Σ v·x − Σ x). The group's scale and zero are
+  applied once per chunk: Σ (q − z)·s·x = s·(Σ q·x − z·Σ x). Per-IC scales vary along K, so they scale x instead
+  (x' = s·x, with Σ z·x' the same for every row), which needs all rows of a program in one group
+  (BLOCK_N ≤ g). Launch configs are pre-tuned per shape (`GEMV_PRETUNED`), not autotuned.
 - `_mma_kernel` (M ≥ 2): tiled tensor-core GEMM, x tile · dequantized weight tileᵀ, with the per-element
   dequantization `v·S + C` in the K loop; narrow 16-row tiles with long K steps for decode-sized M, 128/256-row
   tiles for prefill.
