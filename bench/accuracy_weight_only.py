@@ -5,6 +5,9 @@ validation windows; all are scored on the same test windows (`hf_outliertune.eva
 directly comparable.
 
     python bench/accuracy_weight_only.py --data ../shared/data --json docs/accuracy_weight_only_cpu.json
+
+Rows are independent, so a long table can run as one process per row (`--settings NAME --json part_i.json`,
+side by side on one GPU) and be combined afterwards with `--merge part_*.json --json table.json`.
 """
 
 from __future__ import annotations
@@ -51,7 +54,15 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--json", default="accuracy_weight_only.json")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine reports of earlier runs; runs nothing")
     args = parser.parse_args()
+    if args.merge:
+        report = merge_reports(args.merge)
+        _print_table(report["rows"])
+        print("\n".join(report["targets"]))
+        _write(args.json, report)
+        print(f"wrote {args.json}")
+        return
     unknown = set(args.settings) - set(SETTINGS)
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS)}")
@@ -93,6 +104,27 @@ def main() -> None:
     report["targets"] = check_targets(rows)
     _write(args.json, report)
     print(f"wrote {args.json}")
+
+
+def merge_reports(paths: list[str]) -> dict[str, Any]:
+    """One report from several runs of this script: the first run's header and FP32 row, every other row once,
+    in table order. Refuses runs of different models, evaluations or calibrations (their rows don't compare)."""
+    reports = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            reports.append(json.load(f))
+    first = reports[0]
+    for path, other in zip(paths, reports):
+        for key in ("model", "eval", "calibration", "gptq_damp"):
+            if other.get(key) != first.get(key):
+                raise SystemExit(f"{path}: {key} {other.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}; "
+                                 "merge only runs made with the same options")
+    rows = {r["setting"]: r for report in reports for r in report["rows"] if r["setting"] != "FP32"}
+    order = list(SETTINGS)
+    merged = dict(first, merged_from=[os.path.basename(p) for p in paths])
+    merged["rows"] = [first["rows"][0]] + sorted(rows.values(), key=lambda r: order.index(r["setting"]))
+    merged["targets"] = check_targets(merged["rows"])
+    return merged
 
 
 def _read(root: str, rel: str) -> str:
