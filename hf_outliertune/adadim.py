@@ -16,6 +16,7 @@ so `dequantize(...)` of what is returned is exactly the weight the stored checkp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,16 +91,12 @@ def _grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
     """Step and integer zero point of an asymmetric grid covering [min(lo, 0), max(hi, 0)], as fp32 tensors.
 
     The range always holds 0, so the zero point is a code in [0, 2^bits − 1]; the step is rounded *up* to
-    fp16, so the whole range stays on the grid and no value is off by more than half a step.
+    fp16, so the whole range stays on the grid and no value is off by more than half a step. No host sync:
+    GPTQ calls this once per column.
     """
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     step = ((hi - lo) / max_code(bits)).clamp(min=_SCALE_FLOOR)
-    if bool((step > _FP16_MAX).any()):
-        raise ValueError(
-            f"A weight group spans {float((hi - lo).max()):.3g}, too wide for an fp16 quantization step; the "
-            "weights are corrupt or not a trained model's."
-        )
-    half = step.half()
+    half = step.half()  # a step beyond fp16 becomes inf here: `_check_steps` refuses it once per weight
     half = torch.where(half.float() < step, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
     step = half.float()
     zero = torch.clamp(torch.round(-lo / step), 0, max_code(bits))
@@ -109,6 +106,21 @@ def _grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
 def _grouped_codes(xg: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes of grouped values `(R, G, g)` with per-group `step`/`zero` `(R, G)`."""
     return torch.clamp(torch.round(xg / step[..., None]) + zero[..., None], 0, max_code(bits))
+
+
+def _check_steps(step: torch.Tensor) -> None:
+    """Refuse a weight whose group range is too wide for an fp16 step (one host sync per weight)."""
+    if not bool(torch.isfinite(step).all()):
+        raise ValueError(
+            "A weight group holds NaN/inf or spans a range whose quantization step exceeds the fp16 maximum "
+            f"({_FP16_MAX:.0f}); the weights are corrupt or not a trained model's."
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _clip_ratios(device: torch.device) -> torch.Tensor:
+    """`CLIP_RATIOS` as a `(ratios, 1, 1)` tensor, made once per device (not once per GPTQ column)."""
+    return torch.tensor(CLIP_RATIOS, device=device)[:, None, None]
 
 
 def row_group_params(
@@ -132,7 +144,7 @@ def row_group_params(
     r, length = x.shape
     weight = torch.ones(r, length, device=x.device) if importance is None else importance.float().expand(r, length)
     wg = torch.cat([weight, weight.new_zeros(r, xg.shape[1] * group_size - length)], dim=1).reshape(xg.shape)
-    ratios = torch.tensor(CLIP_RATIOS, device=x.device)[:, None, None]
+    ratios = _clip_ratios(x.device)
     rows = max(1, _CLIP_CHUNK // (len(CLIP_RATIOS) * xg[0].numel()))  # all ratios at once, rows in chunks
     params = [_best_clip(xg[i : i + rows], wg[i : i + rows], lo[i : i + rows], hi[i : i + rows], ratios, bits)
               for i in range(0, r, rows)]
@@ -177,6 +189,7 @@ def quantize_rtn(
     rows = w if group_dim == "oc" else w.t()
     importance = input_sq if group_dim == "oc" else None
     step, zero = row_group_params(rows, bits, group_size, clip, importance)
+    _check_steps(step)
     codes = row_group_codes(rows, step, zero, bits, group_size)
     if group_dim == "ic":
         codes, step, zero = codes.t(), step.t(), zero.t()
@@ -235,6 +248,7 @@ def quantize_gptq(
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, device=h.device)
     h_inv = _upper_cholesky_of_inverse(h)
     codes_t = torch.zeros_like(wt)
+    order = perm.tolist()  # column indices on the host: no device sync per column
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wt[i1:i2].clone()
@@ -242,7 +256,7 @@ def quantize_gptq(
         hinv1 = h_inv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             row = w1[i]
-            j = int(perm[i1 + i])
+            j = order[i1 + i]
             if group_dim == "ic":
                 st, zt = row_group_params(row[None], bits, group_size, clip)
                 c = row_group_codes(row[None], st, zt, bits, group_size)[0]
@@ -263,6 +277,7 @@ def quantize_gptq(
             w1[i:] -= hinv1[i, i:, None] * err[None, :]
             err1[i] = err
         wt[i2:] -= h_inv[i1:i2, i2:].t() @ err1
+    _check_steps(step_t)
     codes = codes_t[torch.argsort(perm)].t()
     return _pack_result(codes, step_t.t(), zero_t.t(), bits, group_size, group_dim)
 

@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import torch
 
+from .kernels.act_quant import block_hadamard as rotate  # x · blockdiag(H, ..., H), fp32
+
 MAX_BLOCK = 2048
 
 
@@ -32,14 +34,8 @@ def _hadamard_cpu(n: int) -> torch.Tensor:
 
 
 def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The matrix itself (for rotating a Hessian at quantization time; forward passes use `rotate`)."""
     return _hadamard_cpu(n).to(device)
-
-
-def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x · blockdiag(H, ..., H) along the last dimension (fp32 result)."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    h = hadamard(block, x.device)
-    return (x.float().reshape(-1, k // block, block) @ h).reshape(*lead, k)
 
 
 def rotate_hessian(h: torch.Tensor, block: int) -> torch.Tensor:

@@ -78,27 +78,20 @@ def static_quant_reference(x: torch.Tensor, input_offset: torch.Tensor | None, b
     return _round_clamp(y, bits)
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard_cpu(n: int) -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix of order n (a power of two)."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).float()
-
-
-@functools.lru_cache(maxsize=32)
-def hadamard_on(n: int, device: torch.device) -> torch.Tensor:
-    """`_hadamard_cpu(n)` cached per device: no host-to-device copy after the first call, so the rotation can be
-    captured in a CUDA graph once it has run eagerly."""
-    return _hadamard_cpu(n).to(device)
-
-
 def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x · blockdiag(H_block, …) along the last dimension, in fp32."""
+    """x · blockdiag(H_block, …) along the last dimension, in fp32, H the orthonormal Sylvester Hadamard matrix.
+
+    A fast Walsh–Hadamard transform (log2(block) butterfly passes): no matrix is built or cached, so no tensor
+    outlives the call — a cached device tensor created during CUDA-graph capture would leak into the graph's
+    memory pool (cudagraph trees refuse that)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    h = hadamard_on(block, x.device)
-    return (x.float().reshape(-1, k // block, block) @ h).reshape(*lead, k)
+    y = x.float().reshape(-1, block)
+    half = 1
+    while half < block:
+        pairs = y.reshape(-1, block // (2 * half), 2, half)
+        y = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2)
+        half *= 2
+    return (y.reshape(*lead, k) * (1.0 / math.sqrt(block)))
 
 
 def per_token_quant_reference(

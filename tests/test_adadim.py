@@ -167,8 +167,15 @@ def test_bad_layout_and_too_wide_group_are_refused():
     w = torch.randn(8, 16)
     with pytest.raises(ValueError, match="group_dim='adaptive'"):
         ad.quantize_rtn(w, 4, 16, "adaptive")
-    with pytest.raises(ValueError, match="fp16"):
-        ad.quantize_rtn(w * 1e7, 2, 16, "oc")
+    for layout in ("oc", "ic"):
+        with pytest.raises(ValueError, match="fp16"):
+            ad.quantize_rtn(w * 1e7, 2, 16, layout)
+        with pytest.raises(ValueError, match="fp16"):
+            ad.quantize_gptq(w * 1e7, torch.eye(16), 2, 16, layout)
+    nan = w.clone()
+    nan[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ad.quantize_rtn(nan, 4, 16, "ic")
 
 
 @pytest.mark.parametrize(

@@ -45,28 +45,6 @@ def test_bf16_cuda_logits_close_to_fp32_reference(cpu_model, eval_ids):
     assert rel_err(ref, got) < 0.05
 
 
-@pytest.mark.xfail(
-    reason="H100 2026-11-24: generate's own auto-compile of the fp32 tiny W8A8 model fails in cudagraph trees "
-    "('Detected 2 tensor(s) in the cudagraph pool not tracked as outputs'); a manually compiled static-cache "
-    "decode of the bf16 8B-shape model works (bench/e2e_llama.py decode rows). Open in issue 3.",
-    strict=False,
-)
-def test_generate_static_cache_compiled_matches_eager(cpu_model, eval_ids):
-    """`generate` compiles the forward itself (static cache on CUDA, `is_compileable` quantizer)."""
-    from torch._dynamo.utils import counters
-
-    model = copy.deepcopy(cpu_model).to("cuda")
-    prompt = eval_ids[:1, :16].cuda()
-    kwargs = dict(max_new_tokens=12, do_sample=False, cache_implementation="static")
-    eager = model.generate(prompt, disable_compile=True, **kwargs)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = model.generate(prompt, **kwargs)
-    compiled_again = model.generate(prompt, **kwargs)  # replays the captured graphs
-    assert counters["stats"]["unique_graphs"] >= 1, "generate did not compile the quantized model's forward"
-    assert torch.equal(eager, compiled) and torch.equal(eager, compiled_again)
-
-
 @pytest.fixture(scope="module")
 def cpu_weight_only_model(tiny_dir):
     cfg = small_config(act_bits=None, weight_bits=4, group_size=16, group_dim="adaptive", weight_algorithm="gptq",
@@ -79,6 +57,24 @@ def test_weight_only_cuda_logits_match_reference_path(cpu_weight_only_model, eva
     gpu = copy.deepcopy(cpu_weight_only_model).to("cuda")
     got = logits_of(gpu, eval_ids.cuda()).cpu()
     assert rel_err(ref, got) < 1e-4  # fp32 dequantization in both; only the reduction order differs
+
+
+@pytest.mark.parametrize("which", ["w8a8", "weight_only"])
+def test_generate_static_cache_compiled_matches_eager(which, cpu_model, cpu_weight_only_model, eval_ids):
+    """`generate` compiles the forward itself (static cache on CUDA, `is_compileable` quantizer); its CUDA
+    graphs replay the quantized layers' custom ops."""
+    from torch._dynamo.utils import counters
+
+    model = copy.deepcopy(cpu_model if which == "w8a8" else cpu_weight_only_model).to("cuda")
+    prompt = eval_ids[:1, :16].cuda()
+    kwargs = dict(max_new_tokens=12, do_sample=False, cache_implementation="static")
+    eager = model.generate(prompt, disable_compile=True, **kwargs)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(prompt, **kwargs)
+    compiled_again = model.generate(prompt, **kwargs)  # replays the captured graphs
+    assert counters["stats"]["unique_graphs"] >= 1, "generate did not compile the quantized model's forward"
+    assert torch.equal(eager, compiled) and torch.equal(eager, compiled_again)
 
 
 @pytest.mark.parametrize("which", ["w8a8", "weight_only"])
