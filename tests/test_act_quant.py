@@ -74,10 +74,12 @@ def test_per_token_quant_matches_reference(block, k):
     x[2] = 0.0  # an all-zero row gets the minimum step, not NaN
     codes, step = aq.per_token_quant_triton(x, 8, block)
     ref_codes, ref_step = aq.per_token_quant_reference(x, 8, block)
-    # the in-kernel rotation (H_B1 ⊗ H_B2) sums in another order than the reference's dense x·H_B, and on the
-    # GPU its second stage runs in TF32 (≤ 0.06 of a step at the row maximum): more one-step ties flip there
-    assert_codes_match(codes, ref_codes, exact=block < 256, tie_fraction=0.05 if CUDA and block >= 256 else 5e-3)
-    torch.testing.assert_close(step, ref_step, rtol=1e-5, atol=0)
+    # the in-kernel rotation (H_B1 ⊗ H_B2) sums in another order than the reference's butterflies, and on the GPU
+    # both its stages round fp32 inputs to TF32 (2^-11 relative each; bf16 inputs pass the first stage exactly):
+    # the row maximum, hence the step, moves by up to ~1e-3 there and more one-step ties flip
+    tf32 = CUDA and block >= 256
+    assert_codes_match(codes, ref_codes, exact=block < 256, tie_fraction=0.05 if tf32 else 5e-3)
+    torch.testing.assert_close(step, ref_step, rtol=4e-3 if tf32 else 1e-5, atol=0)
     assert torch.isfinite(step).all() and step[2].item() == pytest.approx(aq.TINY)
 
 
