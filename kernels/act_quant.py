@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from .dispatch import through_custom_op, uses_triton
+
 try:
     import triton
     import triton.language as tl
@@ -329,22 +331,12 @@ def per_token_quant_triton(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and triton is not None
-
-
-def _via_custom_op() -> bool:
-    """The custom ops make the kernels opaque to torch.compile; in eager mode the Triton entry points are called
-    directly, since the op's dispatch costs host time that bounds eager prefill."""
-    return torch.compiler.is_compiling()
-
-
 def norm_quant(x, weight, bias, eps, kind, weight_offset, input_offset, bits) -> torch.Tensor:
     """Int8 codes of the folded norm's output (see `norm_quant_reference`)."""
     if kind not in NORM_KINDS:
         raise ValueError(f"kind={kind!r} is invalid; allowed values: {list(NORM_KINDS)}")
-    if _use_triton(x):
-        if _via_custom_op():
+    if uses_triton(x):
+        if through_custom_op(x):
             return torch.ops.hf_outliertune.norm_quant(x, weight, bias, eps, kind, weight_offset, input_offset, bits)
         return norm_quant_triton(x, weight, bias, eps, kind, weight_offset, input_offset, bits)
     return norm_quant_reference(x, weight, bias, eps, kind, weight_offset, input_offset, bits)
@@ -352,8 +344,8 @@ def norm_quant(x, weight, bias, eps, kind, weight_offset, input_offset, bits) ->
 
 def static_quant(x: torch.Tensor, input_offset: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Int8 codes of a grid-domain input (see `static_quant_reference`)."""
-    if _use_triton(x):
-        if _via_custom_op():
+    if uses_triton(x):
+        if through_custom_op(x):
             return torch.ops.hf_outliertune.static_quant(x, input_offset, bits)
         return static_quant_triton(x, input_offset, bits)
     return static_quant_reference(x, input_offset, bits)
@@ -361,8 +353,8 @@ def static_quant(x: torch.Tensor, input_offset: torch.Tensor | None, bits: int) 
 
 def per_token_quant(x: torch.Tensor, bits: int, hadamard_block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Int8 codes and per-token steps (see `per_token_quant_reference`)."""
-    if _use_triton(x):
-        if _via_custom_op():
+    if uses_triton(x):
+        if through_custom_op(x):
             return torch.ops.hf_outliertune.per_token_quant(x, bits, hadamard_block)
         return per_token_quant_triton(x, bits, hadamard_block)
     return per_token_quant_reference(x, bits, hadamard_block)

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from .dispatch import through_custom_op, uses_triton
+
 # triton is optional: it is absent on macOS and on CPU-only installs, where the reference serves.
 try:
     import triton
@@ -70,8 +72,8 @@ def int8_matmul(
     """Dispatch: on CUDA (triton importable) the Triton kernels — through the `hf_outliertune::int8_matmul`
     custom op while torch.compile traces, directly in eager mode (the op's dispatch costs host time that
     bounds eager prefill) — else the reference."""
-    if a.is_cuda and triton is not None:
-        if torch.compiler.is_compiling():
+    if uses_triton(a):
+        if through_custom_op(a):
             return torch.ops.hf_outliertune.int8_matmul(a, w, w_scale, a_scale, bias, out_dtype)
         return int8_matmul_cuda(a, w, w_scale, a_scale, bias, out_dtype)
     return int8_matmul_reference(a, w, w_scale, a_scale, bias, out_dtype)

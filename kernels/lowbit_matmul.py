@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from .dispatch import through_custom_op, uses_triton
 from .packing import check_bits, check_group_params, check_packed, dequantize_packed
 
 # triton is optional: it is absent on macOS and on CPU-only installs, where the reference serves.
@@ -113,8 +114,8 @@ def lowbit_matmul(
     """Dispatch: on CUDA (triton importable) the `hf_outliertune::lowbit_matmul` custom op while torch.compile
     traces or a gradient flows (its autograd formula), the Triton entry point directly otherwise (the op's
     dispatch costs host time that bounds eager decode) — else the reference."""
-    if x.is_cuda and triton is not None:
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+    if uses_triton(x):
+        if through_custom_op(x, differentiable=True):
             return torch.ops.hf_outliertune.lowbit_matmul(x, packed, scale, zero, bits, group_size, group_dim, bias)
         return lowbit_matmul_triton(x, packed, scale, zero, bits, group_size, group_dim, bias)
     return lowbit_matmul_reference(x, packed, scale, zero, bits, group_size, group_dim, bias)
