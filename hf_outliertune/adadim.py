@@ -104,8 +104,8 @@ def _grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
 
 
 def _grouped_codes(xg: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of grouped values `(R, G, g)` with per-group `step`/`zero` `(R, G)`."""
-    return torch.clamp(torch.round(xg / step[..., None]) + zero[..., None], 0, max_code(bits))
+    """Codes of grouped values `(R, G, g)` with per-group `step`/`zero` `(R, G)` (the zero may be fractional)."""
+    return torch.clamp(torch.round(xg / step[..., None] + zero[..., None]), 0, max_code(bits))
 
 
 def _check_steps(step: torch.Tensor) -> None:
@@ -178,17 +178,22 @@ def quantize_rtn(
     group_dim: str,
     clip: bool = False,
     input_sq: torch.Tensor | None = None,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GroupQuantized:
     """Round-to-nearest on an asymmetric min-max grid per group, in the layout `group_dim` ("oc" or "ic").
 
     `input_sq` `(K,)`, the mean squared calibration input per input channel, weights the clip search so it
     minimises the layer's output error rather than the weight's (it is uniform inside a per-IC group).
+    `grid` = (scale, zero) in the layout's shape rounds to that grid instead.
     """
     _check_layout(group_dim)
     w = weight.float()
     rows = w if group_dim == "oc" else w.t()
     importance = input_sq if group_dim == "oc" else None
-    step, zero = row_group_params(rows, bits, group_size, clip, importance)
+    if grid is None:
+        step, zero = row_group_params(rows, bits, group_size, clip, importance)
+    else:
+        step, zero = (grid[0].float(), grid[1].float()) if group_dim == "oc" else (grid[0].float().t(), grid[1].float().t())
     _check_steps(step)
     codes = row_group_codes(rows, step, zero, bits, group_size)
     if group_dim == "ic":
@@ -209,6 +214,7 @@ def quantize_gptq(
     act_order: bool = True,
     clip: bool = False,
     block_size: int = 128,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GroupQuantized:
     """GPTQ (Frantar et al. 2022) with per-group asymmetric grids in either layout.
 
@@ -222,6 +228,9 @@ def quantize_gptq(
       computed on the error-updated weight when GPTQ reaches its first column.
     - "ic": a column is one input channel, so GPTQ quantizes each error-updated column with its own groups
       along the output dimension; act-order costs nothing here.
+
+    `grid` = (scale, zero) in the layout's shape fixes every group's grid in advance (e.g. one refitted by
+    `refit_group_params`); GPTQ then only chooses the codes.
     """
     _check_layout(group_dim)
     h = hessian.float().clone()
@@ -232,8 +241,10 @@ def quantize_gptq(
     h[dead, dead] = 1
     wt[dead] = 0
     input_sq = torch.diag(h)
-    static = group_dim == "oc" and act_order
-    if group_dim == "ic":
+    static = grid is not None or (group_dim == "oc" and act_order)
+    if grid is not None:
+        step_t, zero_t = grid[0].float().t().contiguous(), grid[1].float().t().contiguous()
+    elif group_dim == "ic":
         step_t = torch.zeros(k, num_groups(n, group_size), device=wt.device)  # row j: input channel j's groups
     elif static:
         step, zero = row_group_params(wt.t(), bits, group_size, clip, input_sq)
@@ -258,9 +269,12 @@ def quantize_gptq(
             row = w1[i]
             j = order[i1 + i]
             if group_dim == "ic":
-                st, zt = row_group_params(row[None], bits, group_size, clip)
+                if static:
+                    st, zt = step_t[j : j + 1], zero_t[j : j + 1]
+                else:
+                    st, zt = row_group_params(row[None], bits, group_size, clip)
+                    step_t[j], zero_t[j] = st[0], zt[0]
                 c = row_group_codes(row[None], st, zt, bits, group_size)[0]
-                step_t[j], zero_t[j] = st[0], zt[0]
                 s = st[0].repeat_interleave(group_size)[:n]
                 z = zt[0].repeat_interleave(group_size)[:n]
             else:
@@ -271,7 +285,7 @@ def quantize_gptq(
                     st, zt = row_group_params(w1[i:g_end].t(), bits, group_size, clip, imp)
                     step_t[g], zero_t[g] = st[:, 0], zt[:, 0]
                 s, z = step_t[g], zero_t[g]
-                c = torch.clamp(torch.round(row / s) + z, 0, max_code(bits))
+                c = torch.clamp(torch.round(row / s + z), 0, max_code(bits))
             codes_t[i1 + i] = c
             err = (row - (c - z) * s) / hinv1[i, i]
             w1[i:] -= hinv1[i, i:, None] * err[None, :]
@@ -313,3 +327,122 @@ def _pack_result(
         group_size=group_size,
         group_dim=group_dim,
     )
+
+
+# ------------------------------------------------------------------------------------------------ refit
+
+
+def _group_sum(values: torch.Tensor, group_size: int, group_dim: str) -> torch.Tensor:
+    """Sum of `(N, K)` values over each group: the adjoint of `expand_groups`."""
+    n, k = values.shape
+    if group_dim == "oc":
+        pad = num_groups(k, group_size) * group_size - k
+        return torch.nn.functional.pad(values, (0, pad)).reshape(n, -1, group_size).sum(dim=-1)
+    pad = num_groups(n, group_size) * group_size - n
+    return torch.nn.functional.pad(values, (0, 0, 0, pad)).reshape(-1, group_size, k).sum(dim=1)
+
+
+def refit_group_params(
+    quantized: GroupQuantized, weight: torch.Tensor, hessian: torch.Tensor, iterations: int = 40
+) -> GroupQuantized:
+    """Keep the codes, re-solve every group's scale and zero for the least output error tr(ΔW H ΔWᵀ).
+
+    With the codes fixed, Ŵ = Q ∘ S − C (S, C = zero·scale expanded from the groups) is linear in the group
+    parameters, so the best ones solve a linear least-squares problem in H's metric; preconditioned conjugate
+    gradients solve it without forming the normal matrix (each step is one `(N, K) @ (K, K)` product). The new
+    zero points are fractional fp16 values. Each independent unit (an output row for "oc", a group of rows for
+    "ic") keeps its old parameters unless the new ones, rounded to fp16, lower its error.
+    """
+    g, dim = quantized.group_size, quantized.group_dim
+    q = quantized.codes.float()
+    w = weight.float()
+    h = hessian.float()
+    shape = tuple(q.shape)
+
+    def expand(p: torch.Tensor) -> torch.Tensor:
+        return expand_groups(p, g, dim, shape)
+
+    def apply(ds: torch.Tensor, dc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normal operator: (groupsum(Q ∘ (ΔŴ H)), −groupsum(ΔŴ H)) for ΔŴ = Q ∘ ΔS − ΔC."""
+        gh = (q * expand(ds) - expand(dc)) @ h
+        return _group_sum(q * gh, g, dim), -_group_sum(gh, g, dim)
+
+    s0 = quantized.scale.float()
+    c0 = quantized.zero.float() * s0
+    hd = torch.diag(h)[None, :].expand(shape)
+    scale_s = (_group_sum(q * q * hd, g, dim) + 1e-12).reciprocal()  # Jacobi preconditioner
+    scale_c = (_group_sum(hd, g, dim) + 1e-12).reciprocal()
+    residual_w = w - (q * expand(s0) - expand(c0))
+    gh = residual_w @ h
+    rs, rc = _group_sum(q * gh, g, dim), -_group_sum(gh, g, dim)  # −gradient at the current parameters
+    xs, xc = torch.zeros_like(s0), torch.zeros_like(c0)
+    zs, zc = rs * scale_s, rc * scale_c
+    ps, pc = zs.clone(), zc.clone()
+    rz = float((rs * zs).sum() + (rc * zc).sum())
+    for _ in range(iterations):
+        if rz <= 0:
+            break
+        as_, ac = apply(ps, pc)
+        pap = float((ps * as_).sum() + (pc * ac).sum())
+        if pap <= 0:
+            break
+        alpha = rz / pap
+        xs, xc = xs + alpha * ps, xc + alpha * pc
+        rs, rc = rs - alpha * as_, rc - alpha * ac
+        zs, zc = rs * scale_s, rc * scale_c
+        rz_new = float((rs * zs).sum() + (rc * zc).sum())
+        ps, pc = zs + (rz_new / rz) * ps, zc + (rz_new / rz) * pc
+        rz = rz_new
+    s1 = (s0 + xs).clamp(min=_SCALE_FLOOR).half().float()
+    z1 = ((c0 + xc) / s1).half().float()
+    finite = torch.isfinite(s1) & torch.isfinite(z1)
+    s1, z1 = torch.where(finite, s1, s0), torch.where(finite, z1, quantized.zero.float())
+
+    def unit_errors(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        delta = w - (q - expand(zero)) * expand(scale)
+        per_row = ((delta @ h) * delta).sum(dim=1)
+        return per_row if dim == "oc" else _group_sum(per_row[:, None], g, "ic")[:, 0]
+
+    better = unit_errors(s1, z1) < unit_errors(s0, quantized.zero.float())
+    keep = better[:, None] if dim == "oc" else better[:, None]
+    scale = torch.where(keep, s1, s0)
+    zero = torch.where(keep, z1, quantized.zero.float())
+    return _pack_result(q, scale, zero, quantized.bits, g, dim)
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    count: int,
+    bits: int,
+    group_size: int,
+    group_dim: str,
+    algorithm: str = "rtn",
+    clip: bool = False,
+    refit_rounds: int = 0,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> GroupQuantized:
+    """One layout's quantization of `weight`: RTN or GPTQ, then `refit_rounds` rounds of group-parameter refit.
+
+    `hessian` = Σ x xᵀ over `count` calibration tokens (None: data-free RTN, no refit). Each round refits the
+    scales and zeros to the current codes (`refit_group_params`); every round but the last then re-chooses the
+    codes on the refitted grid (GPTQ again, or RTN), so codes and grid improve in turn.
+    """
+    if algorithm not in ("rtn", "gptq"):
+        raise ValueError(f"algorithm={algorithm!r} is invalid; use 'rtn' or 'gptq'.")
+    if hessian is None and (algorithm == "gptq" or refit_rounds):
+        raise ValueError("GPTQ and the group-parameter refit need the calibration Hessian; pass `hessian`.")
+
+    def choose_codes(grid: tuple[torch.Tensor, torch.Tensor] | None) -> GroupQuantized:
+        if algorithm == "gptq":
+            return quantize_gptq(weight, hessian, bits, group_size, group_dim, damp, act_order, clip, grid=grid)
+        input_sq = torch.diag(hessian) / count if hessian is not None else None
+        return quantize_rtn(weight, bits, group_size, group_dim, clip, input_sq, grid=grid)
+
+    quantized = choose_codes(None)
+    for round_ in range(refit_rounds):
+        quantized = refit_group_params(quantized, weight, hessian)
+        if round_ < refit_rounds - 1:
+            quantized = choose_codes((quantized.scale, quantized.zero))
+    return quantized

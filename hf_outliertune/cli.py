@@ -120,6 +120,9 @@ def _add_quantize_parser(subparsers: Any) -> None:
     p.add_argument("--weight-clip", choices=WEIGHT_CLIPS,
                    help="weight-only: MSE-searched clip of each group's range (mse, default) or its full range "
                         "(minmax; with rtn and a fixed --group-dim this needs no calibration data)")
+    p.add_argument("--refit-rounds", type=int, metavar="R",
+                   help="weight-only: rounds of least-squares refit of the group scales and zeros to the codes "
+                        "(default: 2; 0 for rtn with a fixed --group-dim and minmax clip, which stays data-free)")
     p.add_argument("--no-act-order", action="store_true",
                    help="weight-only GPTQ: visit input channels in order instead of by decreasing Hessian diagonal")
     p.add_argument("--no-symmetrize", action="store_true",
@@ -221,6 +224,7 @@ def build_config(args: argparse.Namespace, texts: list[str]) -> OutlierTuneConfi
         group_size=args.group_size,
         group_dim=args.group_dim,
         weight_clip=args.weight_clip,
+        refit_rounds=args.refit_rounds,
         act_order=not args.no_act_order,
         dataset=texts,
         num_samples=args.num_samples,
@@ -236,8 +240,8 @@ def describe_setting(config: Any) -> str:
         return str(getattr(config, "quant_method", type(config).__name__))
     if config.weight_only:
         details = [config.weight_algorithm, f"{config.weight_clip} clip"] + (
-            ["no act-order"] if not config.act_order else []
-        )
+            [f"refit x{config.refit_rounds}"] if config.refit_rounds else []
+        ) + (["no act-order"] if not config.act_order else [])
         return f"W{config.weight_bits} g{config.group_size} {config.group_dim} ({', '.join(details)})"
     details = [config.weight_algorithm]
     if config.uses_static_activations:

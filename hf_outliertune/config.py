@@ -24,6 +24,7 @@ WEIGHT_CLIPS = ("minmax", "mse")
 MIN_GROUP_SIZE, MAX_GROUP_SIZE = 16, 1024
 # weight-only defaults, filled in when act_bits=None and the field is left unset
 WEIGHT_ONLY_DEFAULTS = {"group_size": 128, "group_dim": "adaptive", "weight_clip": "mse"}
+DEFAULT_REFIT_ROUNDS = 2  # weight-only, with calibration data: refit, re-choose codes, refit
 GPTQ_DAMP_DEFAULTS = {"weight_only": 0.01, "weight_and_activation": 0.1}
 ACT_CLIPS = ("max", "mse")
 NON_NORM_ACTIVATIONS = ("per_token", "static")
@@ -96,6 +97,10 @@ class OutlierTuneConfig(QuantizationConfigMixin):
             output is closer to the float one on the calibration data; default).
         weight_clip: weight-only: ``"mse"`` (per group, the range shrink that minimises the activation-weighted
             squared error; default) or ``"minmax"`` (each group's full range, widened to include 0).
+        refit_rounds: weight-only: rounds of least-squares refit of every group's scale and zero to its codes,
+            minimising the layer's output error on the calibration data (the zero points become fractional fp16);
+            every round but the last re-chooses the codes on the refitted grid (GPTQ again, or RTN). Default 2,
+            or 0 for RTN with a fixed `group_dim` and min-max groups, which then stays data-free.
         act_order: GPTQ visits input channels by decreasing Hessian diagonal (with per-OC groups this fixes the
             group grids on the original weight: static groups). Only weight-only mode can turn it off.
         gptq_quantized_inputs: run GPTQ on the layer's *quantized* inputs with the float outputs as target
@@ -135,6 +140,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         group_size: int | None = None,
         group_dim: str | None = None,
         weight_clip: str | None = None,
+        refit_rounds: int | None = None,
         act_order: bool = True,
         dataset: list[str] | str | None = None,
         tokenizer: Any = None,
@@ -165,6 +171,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         self.group_size = group_size
         self.group_dim = group_dim
         self.weight_clip = weight_clip
+        self.refit_rounds = refit_rounds
         self.act_order = act_order
         self.dataset = dataset
         self.tokenizer = tokenizer
@@ -249,6 +256,14 @@ class OutlierTuneConfig(QuantizationConfigMixin):
             self.gptq_damp = GPTQ_DAMP_DEFAULTS["weight_only"]
         _check_choice("group_dim", self.group_dim, GROUP_DIMS)
         _check_choice("weight_clip", self.weight_clip, WEIGHT_CLIPS)
+        if self.refit_rounds is None:
+            data_free_rtn = self.weight_algorithm == "rtn" and self.group_dim != "adaptive" and self.weight_clip == "minmax"
+            self.refit_rounds = 0 if data_free_rtn else DEFAULT_REFIT_ROUNDS
+        if isinstance(self.refit_rounds, bool) or not isinstance(self.refit_rounds, int) or not 0 <= self.refit_rounds <= 8:
+            raise ValueError(
+                f"OutlierTuneConfig.refit_rounds={self.refit_rounds!r} is invalid; it must be an integer in [0, 8] "
+                f"(0 turns the group-parameter refit off; default {DEFAULT_REFIT_ROUNDS})."
+            )
         g = self.group_size
         if isinstance(g, bool) or not isinstance(g, int) or not MIN_GROUP_SIZE <= g <= MAX_GROUP_SIZE or g & (g - 1):
             raise ValueError(
@@ -271,7 +286,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
                 f"activation quantization use one of {list(W8A8_WEIGHT_ALGORITHMS)} ('absmax' is plain rounding)."
             )
         _check_choice("weight_algorithm", self.weight_algorithm, W8A8_WEIGHT_ALGORITHMS)
-        for name in WEIGHT_ONLY_DEFAULTS:
+        for name in (*WEIGHT_ONLY_DEFAULTS, "refit_rounds"):
             if getattr(self, name) is not None:
                 raise ValueError(
                     f"OutlierTuneConfig.{name}={getattr(self, name)!r} only applies to weight-only quantization "
@@ -293,8 +308,9 @@ class OutlierTuneConfig(QuantizationConfigMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        """False only for weight-only RTN with fixed layout and min-max groups, which needs no data at all."""
-        data_free = self.weight_algorithm == "rtn" and self.group_dim != "adaptive" and self.weight_clip == "minmax"
+        """False only for weight-only RTN with fixed layout, min-max groups and no refit: it needs no data at all."""
+        data_free = (self.weight_algorithm == "rtn" and self.group_dim != "adaptive" and self.weight_clip == "minmax"
+                     and not self.refit_rounds)
         return not (self.weight_only and data_free)
 
     @property

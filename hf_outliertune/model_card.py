@@ -100,7 +100,10 @@ def quantization_rows(qc: dict[str, Any], calibration_source: str | None = None)
             ("Method", f"{PAPERS['adadim']} weight-only, {algorithm}"
                        + (" with act-order" if qc.get("act_order") and algorithm == "gptq" else "")),
             ("Weights", f"{qc['weight_bits']}-bit asymmetric, groups of {qc.get('group_size')}: {where}; "
-                        f"{qc.get('weight_clip')} range; fp16 scale and zero point per group, codes packed in int32"),
+                        f"{qc.get('weight_clip')} range"
+                        + (f", scales and zeros refitted to the output error ({qc['refit_rounds']} rounds)"
+                           if qc.get("refit_rounds") else "")
+                        + "; fp16 scale and zero point per group, codes packed in int32"),
             ("Activations", "not quantized (the model's floating-point dtype)"),
         ]
     else:

@@ -16,7 +16,11 @@ the choice is made on the weights that will actually be stored. The choice is re
 With `config.calibration_device` set (offload.py), each block is calibrated and quantized on that device and
 returns quantized; the activations between blocks wait on CPU.
 
-RTN with a fixed layout and min-max groups uses no data at all: each linear is rounded directly.
+Each candidate's group scales and zeros are then refitted to its codes for the least output error on the
+calibration data (`adadim.refit_group_params`, `config.refit_rounds` rounds, alternating with re-choosing the
+codes), before the layouts are compared.
+
+RTN with a fixed layout, min-max groups and no refit uses no data at all: each linear is rounded directly.
 """
 
 from __future__ import annotations
@@ -158,15 +162,12 @@ def _swap(
 def _quantize(
     weight: torch.Tensor, hessian: torch.Tensor | None, count: int, group_dim: str, config: OutlierTuneConfig
 ) -> adadim.GroupQuantized:
-    """One candidate: RTN or GPTQ of `weight` in layout `group_dim` with the config's bits, groups and clip
-    (`hessian` = Σ x xᵀ over `count` calibration tokens; None for data-free RTN)."""
-    clip = config.weight_clip == "mse"
-    if config.weight_algorithm == "gptq":
-        return adadim.quantize_gptq(weight, hessian, config.weight_bits, config.group_size, group_dim,
-                                    config.gptq_damp, config.act_order, clip)
-    input_sq = torch.diag(hessian) / count if hessian is not None else None
-    return adadim.quantize_rtn(weight, config.weight_bits, config.group_size, group_dim, clip, input_sq)
-
+    """One candidate: RTN or GPTQ of `weight` in layout `group_dim` with the config's bits, groups, clip and
+    refit rounds (`hessian` = Σ x xᵀ over `count` calibration tokens; None for data-free RTN)."""
+    return adadim.quantize_weight(
+        weight, hessian, count, config.weight_bits, config.group_size, group_dim, config.weight_algorithm,
+        config.weight_clip == "mse", config.refit_rounds, config.gptq_damp, config.act_order,
+    )
 
 
 def _criterion_module(names: list[str]) -> str | None:

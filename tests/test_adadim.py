@@ -199,6 +199,10 @@ def test_bad_layout_and_too_wide_group_are_refused():
         (dict(act_order=False), "act_order"),
         (dict(act_bits=None, weight_bits=4, act_order=1), "act_order"),
         (dict(act_bits="none"), "act_bits"),
+        (dict(act_bits=None, weight_bits=3, refit_rounds=-1), "refit_rounds"),
+        (dict(act_bits=None, weight_bits=3, refit_rounds=True), "refit_rounds"),
+        (dict(act_bits=None, weight_bits=3, refit_rounds=1.0), "refit_rounds"),
+        (dict(refit_rounds=1), "only applies to weight-only"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else None,
 )
@@ -212,6 +216,12 @@ def test_config_weight_only_defaults_and_round_trip():
     assert cfg.weight_only and not cfg.uses_static_activations
     assert (cfg.group_size, cfg.group_dim, cfg.weight_clip, cfg.act_order) == (128, "adaptive", "mse", True)
     assert cfg.gptq_damp == 0.01 and OutlierTuneConfig().gptq_damp == 0.1  # per-mode GPTQ damping defaults
+    assert cfg.refit_rounds == 2 and cfg.needs_calibration
+    data_free = OutlierTuneConfig(act_bits=None, weight_bits=4, weight_algorithm="rtn", group_dim="oc",
+                                  weight_clip="minmax")
+    assert data_free.refit_rounds == 0 and not data_free.needs_calibration  # stays data-free by default
+    assert OutlierTuneConfig(act_bits=None, weight_bits=4, weight_algorithm="rtn", group_dim="oc",
+                             weight_clip="minmax", refit_rounds=1).needs_calibration
     back = OutlierTuneConfig.from_dict(cfg.to_dict())
     assert back.to_dict() == cfg.to_dict()
     w8a8 = OutlierTuneConfig()
@@ -228,3 +238,61 @@ def test_clip_search_in_row_chunks_matches_one_pass(monkeypatch):
     monkeypatch.setattr(ad, "_CLIP_CHUNK", 1)  # one row at a time
     chunked = ad.row_group_params(w, 3, 16, clip=True)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+@pytest.mark.parametrize("group_dim", ["oc", "ic"])
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_refit_keeps_codes_and_never_raises_any_units_error(algorithm, group_dim):
+    w, _, h = _outlier_layer(seed=5, n=80, k=144)  # ragged last groups along both dimensions (g = 64)
+    if algorithm == "gptq":
+        q = ad.quantize_gptq(w, h, 3, 64, group_dim, clip=True)
+    else:
+        q = ad.quantize_rtn(w, 3, 64, group_dim, clip=True, input_sq=torch.diag(h) / 2048)
+    r = ad.refit_group_params(q, w, h)
+    assert torch.equal(r.codes, q.codes) and r.scale.dtype == r.zero.dtype == torch.float16
+    assert r.scale.shape == q.scale.shape and bool((r.scale > 0).all())
+
+    def unit_errors(g: ad.GroupQuantized) -> torch.Tensor:
+        d = (g.dequantize() - w).double()
+        rows = ((d @ h.double()) * d).sum(dim=1)
+        return rows if group_dim == "oc" else ad._group_sum(rows[:, None], 64, "ic")[:, 0]
+
+    before, after = unit_errors(q), unit_errors(r)
+    assert bool((after <= before).all())  # a unit keeps its old grid unless the refit lowers its error
+    assert float(after.sum()) < 0.97 * float(before.sum())  # and on this layer the refit does lower it
+    assert not torch.equal(r.zero, r.zero.round())  # the refitted zero points are fractional
+
+
+def test_refit_solves_the_least_squares_problem_exactly_on_a_small_layer():
+    """On a layer small enough to solve the normal equations directly, the refit reaches their optimum."""
+    g = _gen(3)
+    n, k, gs = 2, 32, 16
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(256, k, generator=g)
+    h = x.t() @ x
+    q = ad.quantize_rtn(w, 3, gs, "oc")
+    r = ad.refit_group_params(q, w, h, iterations=200)
+    for row in range(n):  # Ŵ = A θ with θ = (s_1, s_2, c_1, c_2): the optimum is (AᵀHA)⁻¹ AᵀH w
+        codes = q.codes[row].double()
+        a = torch.zeros(k, 4, dtype=torch.float64)
+        for grp in range(2):
+            a[grp * gs : (grp + 1) * gs, grp] = codes[grp * gs : (grp + 1) * gs]
+            a[grp * gs : (grp + 1) * gs, 2 + grp] = -1.0
+        hd = h.double()
+        theta = torch.linalg.solve(a.t() @ hd @ a, a.t() @ hd @ w[row].double())
+        best = float(((a @ theta - w[row]) @ hd @ (a @ theta - w[row])))
+        got = r.dequantize()[row].double() - w[row].double()
+        assert float(got @ hd @ got) <= best * 1.01 + 1e-9  # up to the fp16 rounding of scale and zero
+
+
+def test_quantize_weight_rounds_and_data_free_rtn():
+    w, _, h = _outlier_layer(seed=7, n=64, k=128)
+    errors = [_rel_out_err(ad.quantize_weight(w, h, 2048, 3, 32, "oc", "gptq", True, rounds), w, h)
+              for rounds in (0, 1, 2)]
+    assert errors[1] < errors[0] and errors[2] < errors[0]
+    plain = ad.quantize_weight(w, None, 0, 4, 32, "ic", "rtn")
+    assert torch.equal(plain.codes, ad.quantize_rtn(w, 4, 32, "ic").codes)
+    with pytest.raises(ValueError, match="Hessian"):
+        ad.quantize_weight(w, None, 0, 4, 32, "ic", "rtn", refit_rounds=1)
+    with pytest.raises(ValueError, match="algorithm"):
+        ad.quantize_weight(w, h, 2048, 4, 32, "ic", "awq")

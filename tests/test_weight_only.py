@@ -223,7 +223,7 @@ def test_cli_weight_only(tmp_path, capsys):
                  "--algorithm", "gptq", "--output", str(out), "--json", str(report)])
     assert code == 0
     figures = json.loads(report.read_text())
-    assert figures["setting"] == "W3 g16 adaptive (gptq, mse clip)"
+    assert figures["setting"] == "W3 g16 adaptive (gptq, mse clip, refit x2)"
     assert figures["config"]["act_bits"] is None and figures["config"]["group_size"] == 16
     assert _n_weight_only(AutoModelForCausalLM.from_pretrained(str(out))) == 14
     with pytest.raises(SystemExit) as exc:
