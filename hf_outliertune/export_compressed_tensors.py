@@ -123,6 +123,10 @@ def _weight_only_layer(name: str, module: WeightOnlyLinear, problems: dict[str, 
     if module.group_dim != "oc":
         problems["per_ic"].append(name)
         return None
+    zero = module.weight_zero.detach().float()
+    if not torch.equal(zero, zero.round()):
+        problems["fractional_zero"].append(name)
+        return None
     k, g = module.in_features, module.group_size
     if k <= g:  # one group per output row: compressed-tensors' channel strategy
         weights = QuantizationArgs(num_bits=module.bits, type="int", symmetric=False, strategy="channel")
@@ -154,6 +158,12 @@ _FIXES = {
         "These layers use AdaDim per-IC groups (group_size consecutive output channels of one input column); "
         "compressed-tensors' group strategy only groups consecutive input channels of one output row (per-OC). "
         "Re-quantize with group_dim='oc' (CLI: --group-dim oc)"
+    ),
+    "fractional_zero": (
+        "These layers have fractional zero points: the group-parameter refit (OutlierTuneConfig(refit_rounds=2), "
+        "the default with calibration data) fits each group's zero freely, and compressed-tensors stores integer "
+        "zero points. Re-quantize with refit_rounds=0 (CLI: --refit-rounds 0), at some cost in accuracy "
+        "(docs/accuracy.md, the refit ablation)"
     ),
     "ragged": (
         "in_features is not a multiple of group_size, so the last group of each row is smaller; compressed-tensors "

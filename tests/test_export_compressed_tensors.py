@@ -22,7 +22,9 @@ pytest.importorskip("compressed_tensors")
 
 IDS = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
 PLAIN_W8A8 = dict(rotate_dynamic=False, symmetrize=False)
-WO_OC = dict(act_bits=None, weight_bits=4, group_size=16, group_dim="oc", weight_algorithm="gptq", gptq_damp=0.01)
+# integer zero points, as compressed-tensors stores them: no group-parameter refit
+WO_OC = dict(act_bits=None, weight_bits=4, group_size=16, group_dim="oc", weight_algorithm="gptq", gptq_damp=0.01,
+             refit_rounds=0)
 
 
 def _quantized(arch: str, **overrides):
@@ -81,8 +83,9 @@ def test_w8a8_scheme_is_static_tensor_inputs_and_channel_weights(tmp_path):
         ("llama", dict(rotate_dynamic=False), "symmetrize=False"),  # RMSNorm has no bias for the shifts
         ("llama", dict(WO_OC, group_dim="ic"), "group_dim='oc'"),
         ("llama-ffn96", dict(WO_OC, group_size=64), "divides in_features"),  # down_proj: 96 = 64 + a group of 32
+        ("llama", dict(WO_OC, refit_rounds=2), "refit_rounds=0"),  # refitted grids have fractional zero points
     ],
-    ids=["hadamard", "symmetrization-shift", "per-ic", "ragged-groups"],
+    ids=["hadamard", "symmetrization-shift", "per-ic", "ragged-groups", "fractional-zeros"],
 )
 def test_unsupported_settings_are_refused_and_nothing_is_written(arch, overrides, match, tmp_path):
     model = _quantized(arch, **overrides)
