@@ -278,6 +278,7 @@ def _gemv_kernel(
     NCHUNK: tl.constexpr,  # chunks of K a step, one or two a thread
     UNITS: tl.constexpr,  # words a chunk (bits 2/4/8), or 32-code blocks of the two planes (3 bits)
     PREFETCH: tl.constexpr,  # load step i+1 before computing step i
+    FP32_CODES: tl.constexpr,  # 4 bits: codes become fp32 directly (no fp16 → fp32 conversions)
 ):
     """y[m, rows] for one row m of x and BLOCK_N weight rows, stepping through K NCHUNK chunks at a time."""
     P: tl.constexpr = 32 if BITS == 3 else 32 // BITS
@@ -319,6 +320,41 @@ def _gemv_kernel(
             x = x * tl.reshape(tl.permute(s.to(tl.float32), (1, 0, 2)), (NCHUNK, CHUNK))
             zx = tl.sum(x * tl.reshape(tl.permute(z.to(tl.float32), (1, 0, 2)), (NCHUNK, CHUNK)), axis=1)
         xs = tl.sum(x, axis=1)
+        if FP32_CODES:
+            qx = _gemv_qx4_fp32(wa, x, BLOCK_N, NCHUNK, UNITS, USE_ASM)
+        else:
+            qx = _gemv_qx_pairs(wa, wb, x, xs, ones, BITS, BLOCK_N, NCHUNK, UNITS, USE_ASM)
+        if PER_IC:
+            acc += qx
+            acc_x += zx
+        else:
+            # Per-OC: one scale and zero per (row, chunk): Σ (q − z)·s·x = s·(Σ q·x − z·Σx).
+            kc = k0 + c * CHUNK
+            sp = rows_w[:, None] * stride_s0 + (kc >> GROUP_SHIFT)[None, :] * stride_s1
+            if EVEN_K:
+                sc = tl.load(s_ptr + sp).to(tl.float32)
+                zc = tl.load(z_ptr + sp).to(tl.float32)
+            else:
+                sc = tl.load(s_ptr + sp, mask=(kc < K)[None, :], other=0.0).to(tl.float32)
+                zc = tl.load(z_ptr + sp, mask=(kc < K)[None, :], other=0.0).to(tl.float32)
+            acc += sc * (qx - zc * xs[None, :])
+    if PER_IC:
+        y = tl.sum(acc - acc_x[None, :], axis=1)
+    else:
+        y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows_w).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr,
+                        UNITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Σ_chunk q·x per (row, chunk) through fp16 pairs (bits 2/3/4/8): wa, wb packed words (BLOCK_N, NCHUNK, ·),
+    x (NCHUNK, CHUNK) fp32 and xs its chunk sums."""
+    P: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    H: tl.constexpr = P // 2  # code pairs a unit
+    SCALE: tl.constexpr = 1 << BITS
+    if True:
         # x as the kernel pairs codes: unit u holds codes u·P + j (low halves) and u·P + H + j (high halves)
         x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, (NCHUNK, UNITS, 2, H)), (0, 1, 3, 2)))
         # Pair j: one shift and one LOP3 put two codes into an fp16 pair v = 1 + q / 2^b (no int→float
@@ -349,28 +385,33 @@ def _gemv_kernel(
             v_lo, v_hi = _halves(pairs, USE_ASM)
             p += v_lo * _take(x_lo, NCHUNK, UNITS, H, j)[None, :, :]
             p += v_hi * _take(x_hi, NCHUNK, UNITS, H, j)[None, :, :]
-        p = tl.sum(p, axis=2)
-        if PER_IC:
-            acc += p
-            acc_x += SCALE * xs + zx
-        else:
-            # Per-OC: one scale and zero per (row, chunk): Σ (q − z)·s·x = 2^b·s·p − (2^b + z)·s·Σx.
-            kc = k0 + c * CHUNK
-            sp = rows_w[:, None] * stride_s0 + (kc >> GROUP_SHIFT)[None, :] * stride_s1
-            if EVEN_K:
-                sc = tl.load(s_ptr + sp).to(tl.float32)
-                zc = tl.load(z_ptr + sp).to(tl.float32)
-            else:
-                sc = tl.load(s_ptr + sp, mask=(kc < K)[None, :], other=0.0).to(tl.float32)
-                zc = tl.load(z_ptr + sp, mask=(kc < K)[None, :], other=0.0).to(tl.float32)
-            acc += (SCALE * sc) * p - ((SCALE + zc) * sc) * xs[None, :]
-    if PER_IC:
-        y = tl.sum(SCALE * acc - acc_x[None, :], axis=1)
-    else:
-        y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows_w).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+    return SCALE * (tl.sum(p, axis=2) - xs[None, :])
+
+
+def _gemv_qx4_fp32_impl(wa, x, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr, UNITS: tl.constexpr,
+                        USE_ASM: tl.constexpr):
+    """Σ_chunk q·x per (row, chunk) for 4-bit words, with codes made fp32 directly.
+
+    One rotation of a word puts nibble 2i at bits 19-22 and nibble 2i − 1 (mod 8) at bits 15-18; two LOP3s
+    with the bits of 1.0f give v = 1 + q/16 and v' = 1 + q'/256 as fp32 (no conversion), each meets its x in
+    one FMA. So 8 codes cost 4 shifts, 8 LOP3s and 8 FMAs. Σ q·x = 16·(Σ v·x − Σx_even) + 256·(Σ v'·x − Σx_odd):
+    the subtraction costs 4 and 8 of fp32's 24 bits, far below bf16's rounding of the output.
+    """
+    w = wa.to(tl.uint32, bitcast=True)
+    one = tl.full((BLOCK_N, NCHUNK, UNITS), ONE_BITS, tl.uint32)
+    x_even, x_odd = tl.split(tl.reshape(x, (NCHUNK, UNITS, 4, 2)))  # nibbles 0,2,4,6 and 1,3,5,7 of a word
+    p_even = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
+    p_odd = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
+    for i in tl.static_range(4):
+        f = _rotl(w, (19 - 8 * i) & 31)
+        v_even = _select(f, 0x00780000, one, USE_ASM).to(tl.float32, bitcast=True)  # nibble 2i
+        v_odd = _select(f, 0x00078000, one, USE_ASM).to(tl.float32, bitcast=True)  # nibble 2i − 1 (mod 8)
+        p_even += v_even * _take(x_even, NCHUNK, UNITS, 4, i)[None, :, :]
+        p_odd += v_odd * _take(x_odd, NCHUNK, UNITS, 4, (i + 3) % 4)[None, :, :]
+    xs_even = tl.sum(tl.reshape(x_even, (NCHUNK, UNITS * 4)), axis=1)
+    xs_odd = tl.sum(tl.reshape(x_odd, (NCHUNK, UNITS * 4)), axis=1)
+    return (16.0 * (tl.sum(p_even, axis=2) - xs_even[None, :])
+            + 256.0 * (tl.sum(p_odd, axis=2) - xs_odd[None, :]))
 
 
 def _dequant_tile_impl(
@@ -651,7 +692,15 @@ def _autotune_bench(fn, quantiles=None):
 
 
 _HELPERS = ("_spread3", "_spread4", "_fields", "_select", "_rotl", "_take", "_halves", "_dequant_tile",
-            "_gemv_load")
+            "_gemv_load", "_gemv_qx_pairs", "_gemv_qx4_fp32")
+
+
+def _fp32_codes(args) -> bool:
+    """4-bit GEMV codes go straight to fp32 (`_gemv_qx4_fp32`) for half-precision x, whose output rounding
+    (≥ 2^-11) hides the path's 2^-16 cancellation; fp32 x keeps the fp16-pair path every width uses, as does
+    HF_OUTLIERTUNE_GEMV_FP16_PAIRS=1 (for comparison in `bench/lowbit_gemm.py`)."""
+    half_x = args["x_ptr"].dtype in (torch.float16, torch.bfloat16)
+    return args["BITS"] == 4 and half_x and os.environ.get("HF_OUTLIERTUNE_GEMV_FP16_PAIRS") != "1"
 
 
 @functools.cache
@@ -659,7 +708,7 @@ def _kernels(interpret: bool) -> dict:
     """The autotuned kernels, built once per mode (`interpret` keys the cache; see the section note)."""
     for name in _HELPERS:
         globals()[name] = triton.jit(globals()[f"{name}_impl"])
-    gemv = triton.heuristics({"EVEN_K": _even_k_gemv})(triton.jit(_gemv_kernel))  # configs: `_gemv_meta`
+    gemv = triton.heuristics({"EVEN_K": _even_k_gemv, "FP32_CODES": _fp32_codes})(triton.jit(_gemv_kernel))  # configs: `_gemv_meta`
     mma = triton.autotune(
         configs=_mma_configs(),
         # GROUP: per-IC tiles must not be wider than a group, so the best tile differs by group size.
