@@ -14,7 +14,9 @@ Triton kernels implement it on the GPU; `lowbit_matmul` dispatches by device and
   widens to fp32 and meets its x in one FMA, so Σ q·x = 2^b·(Σ v·x − Σ x). The group's scale and zero are
   applied once per chunk: Σ (q − z)·s·x = s·(Σ q·x − z·Σ x). Per-IC scales vary along K, so they scale x instead
   (x' = s·x, with Σ z·x' the same for every row), which needs all rows of a program in one group
-  (BLOCK_N ≤ g). Launch configs are pre-tuned per shape (`GEMV_PRETUNED`), not autotuned.
+  (BLOCK_N ≤ g). Launch configs are pre-tuned per shape (`GEMV_PRETUNED`), not autotuned. An opt-in 4-bit
+  variant (HF_OUTLIERTUNE_GEMV_FP32_CODES=1, half-precision x) makes the codes fp32 directly instead, with no
+  fp16 → fp32 conversions; it is tested under the interpreter but not yet timed on a GPU.
 - `_mma_kernel` (M ≥ 2): tiled tensor-core GEMM, x tile · dequantized weight tileᵀ, with the per-element
   dequantization `v·S + C` in the K loop; narrow 16-row tiles with long K steps for decode-sized M, 128/256-row
   tiles for prefill.
@@ -282,10 +284,8 @@ def _gemv_kernel(
 ):
     """y[m, rows] for one row m of x and BLOCK_N weight rows, stepping through K NCHUNK chunks at a time."""
     P: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    H: tl.constexpr = P // 2  # code pairs a unit
     CHUNK: tl.constexpr = UNITS * P
     STEP: tl.constexpr = NCHUNK * CHUNK
-    SCALE: tl.constexpr = 1 << BITS
     pid = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -354,37 +354,36 @@ def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.con
     P: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     H: tl.constexpr = P // 2  # code pairs a unit
     SCALE: tl.constexpr = 1 << BITS
-    if True:
-        # x as the kernel pairs codes: unit u holds codes u·P + j (low halves) and u·P + H + j (high halves)
-        x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, (NCHUNK, UNITS, 2, H)), (0, 1, 3, 2)))
-        # Pair j: one shift and one LOP3 put two codes into an fp16 pair v = 1 + q / 2^b (no int→float
-        # conversion), each half widens to fp32 and meets its x in one FMA: p = Σ_chunk v·x per row and
-        # Σ q·x = 2^b·(p − Σx).
+    # x as the kernel pairs codes: unit u holds codes u·P + j (low halves) and u·P + H + j (high halves)
+    x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, (NCHUNK, UNITS, 2, H)), (0, 1, 3, 2)))
+    # Pair j: one shift and one LOP3 put two codes into an fp16 pair v = 1 + q / 2^b (no int→float
+    # conversion), each half widens to fp32 and meets its x in one FMA: p = Σ_chunk v·x per row and
+    # Σ q·x = 2^b·(p − Σx).
+    if BITS == 3:
+        # A unit is 32 codes: a bit-0 word (code k at bit k) and two (q >> 1) words, codes 0-15 and 16-31.
+        # Regrouped by halves, 2-bit field j of `r_lo` / `r_hi` is codes j / 8 + j (low) and 16 + j /
+        # 24 + j (high), which the bit-0 word holds at bits k and k + 16: pair j is codes j and j + 16.
+        w0 = wa.to(tl.uint32, bitcast=True)
+        w1a, w1b = tl.split(tl.reshape(wb.to(tl.uint32, bitcast=True), (BLOCK_N, NCHUNK, UNITS, 2)))
+        r_lo = (w1a & 0xFFFF) | (w1b << 16)
+        r_hi = (w1a >> 16) | (w1b & 0xFFFF0000)
+    else:
+        w = wa.to(tl.uint32, bitcast=True)
+    p = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
+    for j in tl.static_range(H):
         if BITS == 3:
-            # A unit is 32 codes: a bit-0 word (code k at bit k) and two (q >> 1) words, codes 0-15 and 16-31.
-            # Regrouped by halves, 2-bit field j of `r_lo` / `r_hi` is codes j / 8 + j (low) and 16 + j /
-            # 24 + j (high), which the bit-0 word holds at bits k and k + 16: pair j is codes j and j + 16.
-            w0 = wa.to(tl.uint32, bitcast=True)
-            w1a, w1b = tl.split(tl.reshape(wb.to(tl.uint32, bitcast=True), (BLOCK_N, NCHUNK, UNITS, 2)))
-            r_lo = (w1a & 0xFFFF) | (w1b << 16)
-            r_hi = (w1a >> 16) | (w1b & 0xFFFF0000)
-        else:
-            w = wa.to(tl.uint32, bitcast=True)
-        p = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
-        for j in tl.static_range(H):
-            if BITS == 3:
-                if j < 8:
-                    f1 = _rotl(r_lo, (8 - 2 * j) & 31)
-                else:
-                    f1 = _rotl(r_hi, (24 - 2 * j) & 31)
-                hi = _select(f1, 0x03000300, ones, USE_ASM)  # (q >> 1) at bits 8-9 of each half
-                pairs = _select(_rotl(w0, (7 - j) & 31), 0x00800080, hi, USE_ASM)  # bit 0 at bit 7
+            if j < 8:
+                f1 = _rotl(r_lo, (8 - 2 * j) & 31)
             else:
-                pairs = _select(_rotl(w, (10 - BITS - j * BITS) & 31), (((1 << BITS) - 1) << (10 - BITS)) * 0x10001,
-                                ones, USE_ASM)
-            v_lo, v_hi = _halves(pairs, USE_ASM)
-            p += v_lo * _take(x_lo, NCHUNK, UNITS, H, j)[None, :, :]
-            p += v_hi * _take(x_hi, NCHUNK, UNITS, H, j)[None, :, :]
+                f1 = _rotl(r_hi, (24 - 2 * j) & 31)
+            hi = _select(f1, 0x03000300, ones, USE_ASM)  # (q >> 1) at bits 8-9 of each half
+            pairs = _select(_rotl(w0, (7 - j) & 31), 0x00800080, hi, USE_ASM)  # bit 0 at bit 7
+        else:
+            pairs = _select(_rotl(w, (10 - BITS - j * BITS) & 31), (((1 << BITS) - 1) << (10 - BITS)) * 0x10001,
+                            ones, USE_ASM)
+        v_lo, v_hi = _halves(pairs, USE_ASM)
+        p += v_lo * _take(x_lo, NCHUNK, UNITS, H, j)[None, :, :]
+        p += v_hi * _take(x_hi, NCHUNK, UNITS, H, j)[None, :, :]
     return SCALE * (tl.sum(p, axis=2) - xs[None, :])
 
 
@@ -398,7 +397,7 @@ def _gemv_qx4_fp32_impl(wa, x, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr, UNIT
     the subtraction costs 4 and 8 of fp32's 24 bits, far below bf16's rounding of the output.
     """
     w = wa.to(tl.uint32, bitcast=True)
-    one = tl.full((BLOCK_N, NCHUNK, UNITS), ONE_BITS, tl.uint32)
+    one = tl.full((BLOCK_N, NCHUNK, UNITS), 0x3F800000, tl.uint32)  # the bits of 1.0f (ONE_BITS)
     x_even, x_odd = tl.split(tl.reshape(x, (NCHUNK, UNITS, 4, 2)))  # nibbles 0,2,4,6 and 1,3,5,7 of a word
     p_even = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
     p_odd = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
@@ -696,11 +695,11 @@ _HELPERS = ("_spread3", "_spread4", "_fields", "_select", "_rotl", "_take", "_ha
 
 
 def _fp32_codes(args) -> bool:
-    """4-bit GEMV codes go straight to fp32 (`_gemv_qx4_fp32`) for half-precision x, whose output rounding
-    (≥ 2^-11) hides the path's 2^-16 cancellation; fp32 x keeps the fp16-pair path every width uses, as does
-    HF_OUTLIERTUNE_GEMV_FP16_PAIRS=1 (for comparison in `bench/lowbit_gemm.py`)."""
+    """The 4-bit GEMV's fp32-code path (`_gemv_qx4_fp32`), opt-in with HF_OUTLIERTUNE_GEMV_FP32_CODES=1 and only
+    for half-precision x, whose output rounding (≥ 2^-11) hides the path's 2^-16 cancellation. Not the default
+    until it is timed on a GPU (docs/benchmarks.md); every width otherwise takes the fp16-pair path."""
     half_x = args["x_ptr"].dtype in (torch.float16, torch.bfloat16)
-    return args["BITS"] == 4 and half_x and os.environ.get("HF_OUTLIERTUNE_GEMV_FP16_PAIRS") != "1"
+    return args["BITS"] == 4 and half_x and os.environ.get("HF_OUTLIERTUNE_GEMV_FP32_CODES") == "1"
 
 
 @functools.cache
