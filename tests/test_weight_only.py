@@ -244,3 +244,18 @@ def test_fixed_layout_rtn_needs_no_calibration_data(tiny_dir, eval_ids, float_lo
         cfg = hf_outliertune.OutlierTuneConfig(**kwargs)
         with pytest.raises(CalibrationError, match="calibration text"):
             AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), quantization_config=cfg)
+
+
+def test_refit_rounds_reach_the_stored_grids(tiny_dir, eval_ids, float_logits):
+    """refit_rounds=0 stores min-max grids (integer zero points); the default refit stores fractional ones and,
+    on this model, logits closer to the float model's."""
+    errors = {}
+    for rounds in (0, 2):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_dir("llama"), quantization_config=wo_config(weight_bits=3, refit_rounds=rounds), dtype=torch.float32
+        )
+        assert model.config.quantization_config.refit_rounds == rounds
+        zeros = torch.cat([m.weight_zero.float().flatten() for m in model.modules() if isinstance(m, WeightOnlyLinear)])
+        assert torch.equal(zeros, zeros.round()) == (rounds == 0)
+        errors[rounds] = rel_err(float_logits("llama"), logits_of(model, eval_ids))
+    assert errors[2] < errors[0], errors
