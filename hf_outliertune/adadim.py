@@ -403,10 +403,9 @@ def refit_group_params(
         per_row = ((delta @ h) * delta).sum(dim=1)
         return per_row if dim == "oc" else _group_sum(per_row[:, None], g, "ic")[:, 0]
 
-    better = unit_errors(s1, z1) < unit_errors(s0, quantized.zero.float())
-    keep = better[:, None] if dim == "oc" else better[:, None]
-    scale = torch.where(keep, s1, s0)
-    zero = torch.where(keep, z1, quantized.zero.float())
+    better = (unit_errors(s1, z1) < unit_errors(s0, quantized.zero.float()))[:, None]  # a unit is a params row
+    scale = torch.where(better, s1, s0)
+    zero = torch.where(better, z1, quantized.zero.float())
     return _pack_result(q, scale, zero, quantized.bits, g, dim)
 
 
