@@ -1,9 +1,12 @@
-"""AdaDim weight-only quantization as pure tensor functions: group grids in both layouts, RTN, GPTQ, the criterion.
+"""AdaDim weight-only quantization as pure tensor functions: group grids in both layouts, RTN, GPTQ, the
+group-parameter refit, the criterion.
 
 Conventions: a weight is `(N, K) = (out_features, in_features)`; codes are unsigned `q ∈ [0, 2^bits − 1]`;
-a group has an fp16 `scale` and an fp16 integer `zero`, and dequantizes as `(q − zero) · scale` in fp32.
+a group has an fp16 `scale` and an fp16 `zero`, and dequantizes as `(q − zero) · scale` in fp32.
 
-Grids are min-max per group with the range widened to include 0 (as GPTQ's quantizer does).
+Grids start min-max per group with the range widened to include 0 (as GPTQ's quantizer does), so the zero is
+an integer code; `refit_group_params` then re-solves scale and zero for the output error, and the zero becomes
+fractional.
 
 - ``"oc"`` (the usual layout, AdaDim's per-OC): a group is `group_size` consecutive *input* channels of one
   output row; `scale`/`zero` have shape `(N, ceil(K / g))`, index `[n, k // g]`.
