@@ -14,9 +14,7 @@ Triton kernels implement it on the GPU; `lowbit_matmul` dispatches by device and
   widens to fp32 and meets its x in one FMA, so Σ q·x = 2^b·(Σ v·x − Σ x). The group's scale and zero are
   applied once per chunk: Σ (q − z)·s·x = s·(Σ q·x − z·Σ x). Per-IC scales vary along K, so they scale x instead
   (x' = s·x, with Σ z·x' the same for every row), which needs all rows of a program in one group
-  (BLOCK_N ≤ g). Launch configs are pre-tuned per shape (`GEMV_PRETUNED`), not autotuned. An opt-in 4-bit
-  variant (HF_OUTLIERTUNE_GEMV_FP32_CODES=1, half-precision x) makes the codes fp32 directly instead, with no
-  fp16 → fp32 conversions; it is tested under the interpreter but not yet timed on a GPU.
+  (BLOCK_N ≤ g). Launch configs are pre-tuned per shape (`GEMV_PRETUNED`), not autotuned.
 - `_mma_kernel` (M ≥ 2): tiled tensor-core GEMM, x tile · dequantized weight tileᵀ, with the per-element
   dequantization `v·S + C` in the K loop; narrow 16-row tiles with long K steps for decode-sized M, 128/256-row
   tiles for prefill.
@@ -280,7 +278,6 @@ def _gemv_kernel(
     NCHUNK: tl.constexpr,  # chunks of K a step, one or two a thread
     UNITS: tl.constexpr,  # words a chunk (bits 2/4/8), or 32-code blocks of the two planes (3 bits)
     PREFETCH: tl.constexpr,  # load step i+1 before computing step i
-    FP32_CODES: tl.constexpr,  # 4 bits: codes become fp32 directly (no fp16 → fp32 conversions)
 ):
     """y[m, rows] for one row m of x and BLOCK_N weight rows, stepping through K NCHUNK chunks at a time."""
     P: tl.constexpr = 32 if BITS == 3 else 32 // BITS
@@ -320,10 +317,7 @@ def _gemv_kernel(
             x = x * tl.reshape(tl.permute(s.to(tl.float32), (1, 0, 2)), (NCHUNK, CHUNK))
             zx = tl.sum(x * tl.reshape(tl.permute(z.to(tl.float32), (1, 0, 2)), (NCHUNK, CHUNK)), axis=1)
         xs = tl.sum(x, axis=1)
-        if FP32_CODES:
-            qx = _gemv_qx4_fp32(wa, x, BLOCK_N, NCHUNK, UNITS, USE_ASM)
-        else:
-            qx = _gemv_qx_pairs(wa, wb, x, xs, ones, BITS, BLOCK_N, NCHUNK, UNITS, USE_ASM)
+        qx = _gemv_qx_pairs(wa, wb, x, xs, ones, BITS, BLOCK_N, NCHUNK, UNITS, USE_ASM)
         if PER_IC:
             acc += qx
             acc_x += zx
@@ -386,31 +380,6 @@ def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.con
         p += v_hi * _take(x_hi, NCHUNK, UNITS, H, j)[None, :, :]
     return SCALE * (tl.sum(p, axis=2) - xs[None, :])
 
-
-def _gemv_qx4_fp32_impl(wa, x, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr, UNITS: tl.constexpr,
-                        USE_ASM: tl.constexpr):
-    """Σ_chunk q·x per (row, chunk) for 4-bit words, with codes made fp32 directly.
-
-    One rotation of a word puts nibble 2i at bits 19-22 and nibble 2i − 1 (mod 8) at bits 15-18; two LOP3s
-    with the bits of 1.0f give v = 1 + q/16 and v' = 1 + q'/256 as fp32 (no conversion), each meets its x in
-    one FMA. So 8 codes cost 4 shifts, 8 LOP3s and 8 FMAs. Σ q·x = 16·(Σ v·x − Σx_even) + 256·(Σ v'·x − Σx_odd):
-    the subtraction costs 4 and 8 of fp32's 24 bits, far below bf16's rounding of the output.
-    """
-    w = wa.to(tl.uint32, bitcast=True)
-    one = tl.full((BLOCK_N, NCHUNK, UNITS), 0x3F800000, tl.uint32)  # the bits of 1.0f (ONE_BITS)
-    x_even, x_odd = tl.split(tl.reshape(x, (NCHUNK, UNITS, 4, 2)))  # nibbles 0,2,4,6 and 1,3,5,7 of a word
-    p_even = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
-    p_odd = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
-    for i in tl.static_range(4):
-        f = _rotl(w, (19 - 8 * i) & 31)
-        v_even = _select(f, 0x00780000, one, USE_ASM).to(tl.float32, bitcast=True)  # nibble 2i
-        v_odd = _select(f, 0x00078000, one, USE_ASM).to(tl.float32, bitcast=True)  # nibble 2i − 1 (mod 8)
-        p_even += v_even * _take(x_even, NCHUNK, UNITS, 4, i)[None, :, :]
-        p_odd += v_odd * _take(x_odd, NCHUNK, UNITS, 4, (i + 3) % 4)[None, :, :]
-    xs_even = tl.sum(tl.reshape(x_even, (NCHUNK, UNITS * 4)), axis=1)
-    xs_odd = tl.sum(tl.reshape(x_odd, (NCHUNK, UNITS * 4)), axis=1)
-    return (16.0 * (tl.sum(p_even, axis=2) - xs_even[None, :])
-            + 256.0 * (tl.sum(p_odd, axis=2) - xs_odd[None, :]))
 
 
 def _dequant_tile_impl(
@@ -691,15 +660,8 @@ def _autotune_bench(fn, quantiles=None):
 
 
 _HELPERS = ("_spread3", "_spread4", "_fields", "_select", "_rotl", "_take", "_halves", "_dequant_tile",
-            "_gemv_load", "_gemv_qx_pairs", "_gemv_qx4_fp32")
+            "_gemv_load", "_gemv_qx_pairs")
 
-
-def _fp32_codes(args) -> bool:
-    """The 4-bit GEMV's fp32-code path (`_gemv_qx4_fp32`), opt-in with HF_OUTLIERTUNE_GEMV_FP32_CODES=1 and only
-    for half-precision x, whose output rounding (≥ 2^-11) hides the path's 2^-16 cancellation. Not the default
-    until it is timed on a GPU (docs/benchmarks.md); every width otherwise takes the fp16-pair path."""
-    half_x = args["x_ptr"].dtype in (torch.float16, torch.bfloat16)
-    return args["BITS"] == 4 and half_x and os.environ.get("HF_OUTLIERTUNE_GEMV_FP32_CODES") == "1"
 
 
 @functools.cache
@@ -707,7 +669,7 @@ def _kernels(interpret: bool) -> dict:
     """The autotuned kernels, built once per mode (`interpret` keys the cache; see the section note)."""
     for name in _HELPERS:
         globals()[name] = triton.jit(globals()[f"{name}_impl"])
-    gemv = triton.heuristics({"EVEN_K": _even_k_gemv, "FP32_CODES": _fp32_codes})(triton.jit(_gemv_kernel))  # configs: `_gemv_meta`
+    gemv = triton.heuristics({"EVEN_K": _even_k_gemv})(triton.jit(_gemv_kernel))  # configs: `_gemv_meta`
     mma = triton.autotune(
         configs=_mma_configs(),
         # GROUP: per-IC tiles must not be wider than a group, so the best tile differs by group size.

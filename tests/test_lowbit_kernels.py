@@ -236,11 +236,9 @@ def test_mma_matches_reference(bits, layout):
 
 
 @needs_triton
-@pytest.mark.parametrize("fp32_codes", [False, True], ids=["fp16-pairs", "fp32-codes"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("layout", ["oc", "ic"])
-def test_half_precision_activations(dtype, layout, fp32_codes, monkeypatch):
-    monkeypatch.setenv("HF_OUTLIERTUNE_GEMV_FP32_CODES", "1" if fp32_codes else "0")
+def test_half_precision_activations(dtype, layout):
     k, n, g = 160, 36, 32
     _, packed, scale, zero = _layer(n, k, 4, g, layout, seed=30)
     bias = torch.randn(n, generator=_gen(31)).to(DEVICE, dtype)
