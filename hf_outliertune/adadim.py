@@ -106,9 +106,14 @@ def _grid_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
     return step, zero
 
 
+def _round_to_grid(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes `clamp(round(x / step + zero), 0, 2^bits − 1)` (broadcasting; the zero may be fractional)."""
+    return torch.clamp(torch.round(x / step + zero), 0, max_code(bits))
+
+
 def _grouped_codes(xg: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of grouped values `(R, G, g)` with per-group `step`/`zero` `(R, G)` (the zero may be fractional)."""
-    return torch.clamp(torch.round(xg / step[..., None] + zero[..., None]), 0, max_code(bits))
+    """Codes of grouped values `(R, G, g)` with per-group `step`/`zero` `(R, G)`."""
+    return _round_to_grid(xg, step[..., None], zero[..., None], bits)
 
 
 def _check_steps(step: torch.Tensor) -> None:
@@ -195,8 +200,8 @@ def quantize_rtn(
     importance = input_sq if group_dim == "oc" else None
     if grid is None:
         step, zero = row_group_params(rows, bits, group_size, clip, importance)
-    else:
-        step, zero = (grid[0].float(), grid[1].float()) if group_dim == "oc" else (grid[0].float().t(), grid[1].float().t())
+    else:  # the grid's rows are `rows`' rows: as given for "oc", transposed for "ic"
+        step, zero = (p.float() if group_dim == "oc" else p.float().t() for p in grid)
     _check_steps(step)
     codes = row_group_codes(rows, step, zero, bits, group_size)
     if group_dim == "ic":
@@ -288,7 +293,7 @@ def quantize_gptq(
                     st, zt = row_group_params(w1[i:g_end].t(), bits, group_size, clip, imp)
                     step_t[g], zero_t[g] = st[:, 0], zt[:, 0]
                 s, z = step_t[g], zero_t[g]
-                c = torch.clamp(torch.round(row / s + z), 0, max_code(bits))
+                c = _round_to_grid(row, s, z, bits)
             codes_t[i1 + i] = c
             err = (row - (c - z) * s) / hinv1[i, i]
             w1[i:] -= hinv1[i, i:, None] * err[None, :]
@@ -370,8 +375,8 @@ def refit_group_params(
         gh = (q * expand(ds) - expand(dc)) @ h
         return _group_sum(q * gh, g, dim), -_group_sum(gh, g, dim)
 
-    s0 = quantized.scale.float()
-    c0 = quantized.zero.float() * s0
+    s0, z0 = quantized.scale.float(), quantized.zero.float()
+    c0 = z0 * s0
     hd = torch.diag(h)[None, :].expand(shape)
     scale_s = (_group_sum(q * q * hd, g, dim) + 1e-12).reciprocal()  # Jacobi preconditioner
     scale_c = (_group_sum(hd, g, dim) + 1e-12).reciprocal()
@@ -399,17 +404,15 @@ def refit_group_params(
     s1 = (s0 + xs).clamp(min=_SCALE_FLOOR).half().float()
     z1 = ((c0 + xc) / s1).half().float()
     finite = torch.isfinite(s1) & torch.isfinite(z1)
-    s1, z1 = torch.where(finite, s1, s0), torch.where(finite, z1, quantized.zero.float())
+    s1, z1 = torch.where(finite, s1, s0), torch.where(finite, z1, z0)
 
     def unit_errors(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         delta = w - (q - expand(zero)) * expand(scale)
         per_row = ((delta @ h) * delta).sum(dim=1)
         return per_row if dim == "oc" else _group_sum(per_row[:, None], g, "ic")[:, 0]
 
-    better = (unit_errors(s1, z1) < unit_errors(s0, quantized.zero.float()))[:, None]  # a unit is a params row
-    scale = torch.where(better, s1, s0)
-    zero = torch.where(better, z1, quantized.zero.float())
-    return _pack_result(q, scale, zero, quantized.bits, g, dim)
+    better = (unit_errors(s1, z1) < unit_errors(s0, z0))[:, None]  # a unit is a row of the parameters
+    return _pack_result(q, torch.where(better, s1, s0), torch.where(better, z1, z0), quantized.bits, g, dim)
 
 
 def quantize_weight(

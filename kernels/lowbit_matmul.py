@@ -381,7 +381,6 @@ def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.con
     return SCALE * (tl.sum(p, axis=2) - xs[None, :])
 
 
-
 def _dequant_tile_impl(
     w_rows, s_ptr, z_ptr, rows_w, grp_ic, k0, K, KW, one, stride_s0, stride_s1,
     BITS: tl.constexpr, PER_IC: tl.constexpr, GROUP_K: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
@@ -661,7 +660,6 @@ def _autotune_bench(fn, quantiles=None):
 
 _HELPERS = ("_spread3", "_spread4", "_fields", "_select", "_rotl", "_take", "_halves", "_dequant_tile",
             "_gemv_load", "_gemv_qx_pairs")
-
 
 
 @functools.cache
