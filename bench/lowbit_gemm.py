@@ -250,9 +250,10 @@ def check_all_tiles(workers: int) -> list[str]:
     return fails
 
 
-# GEMV grid swept besides the kernel's own candidates: rows a program, units a chunk, (chunks a step, warps).
-SWEEP_GEMV_GRID = [(bn, nc, u, wp, False) for bn in (1, 2, 4) for u in (1, 2, 4) for nc, wp in ((64, 2), (128, 4),
-                                                                                                (256, 8))]
+# GEMV grid swept besides the kernel's own candidates: rows a program, units a chunk, (chunks a step, warps),
+# prefetch, fp16-pair sums.
+SWEEP_GEMV_GRID = [(bn, nc, u, wp, False, half) for half in (False, True) for bn in (2, 4, 8) for u in (1, 2, 4)
+                   for nc, wp in ((32, 1), (64, 2), (128, 4))]
 
 
 def _sweep_configs(x, w, bits, group, layout, kernel) -> list[dict]:
@@ -294,7 +295,7 @@ def sweep(shapes, ms, workers: int) -> list[dict]:
                 t = float("nan")
                 print(f"  {kernel} {cfg}: {type(err).__name__}: {str(err)[:300]}", flush=True)
             short = {a: b for a, b in cfg.items() if a in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NCHUNK", "UNITS", "PREFETCH",
-                                                             "num_warps", "num_stages")}
+                                                             "HALF", "num_warps", "num_stages")}
             out.append({"K": k, "N": n, "M": m, "bits": bits, "group_size": group, "group_dim": layout,
                         "kernel": kernel, "config": short, "graph_us": t, "weight_GBps": wbytes / t / 1e3})
             print(f"sweep {k}x{n} M={m} W{bits} {layout} {kernel} {short}: {t:.1f} us, "

@@ -14,7 +14,10 @@ Triton kernels implement it on the GPU; `lowbit_matmul` dispatches by device and
   widens to fp32 and meets its x in one FMA, so Σ q·x = 2^b·(Σ v·x − Σ x). The group's scale and zero are
   applied once per chunk: Σ (q − z)·s·x = s·(Σ q·x − z·Σ x). Per-IC scales vary along K, so they scale x instead
   (x' = s·x, with Σ z·x' the same for every row), which needs all rows of a program in one group
-  (BLOCK_N ≤ g). Launch configs are pre-tuned per shape (`GEMV_PRETUNED`), not autotuned.
+  (BLOCK_N ≤ g). For bf16 x (`HALF`), the pair is v/16 and meets an fp16 pair of x in one HFMA2, summed in
+  fp16 over a chunk before fp32: a third fewer instructions a code, about 1e-3 relative error (below the bf16
+  output's rounding); fp16 and fp32 x keep fp32 sums. Launch configs are pre-tuned per shape
+  (`GEMV_PRETUNED`), not autotuned.
 - `_mma_kernel` (M ≥ 2): tiled tensor-core GEMM, x tile · dequantized weight tileᵀ, with the per-element
   dequantization `v·S + C` in the K loop; narrow 16-row tiles with long K steps for decode-sized M, 128/256-row
   tiles for prefill.
@@ -215,6 +218,41 @@ def _halves_impl(p, USE_ASM: tl.constexpr):
     return lo, hi
 
 
+def _pack_half2_impl(lo, hi, USE_ASM: tl.constexpr):
+    """fp32 tensors → uint32 words holding fp16(lo) in the low half and fp16(hi) in the high half."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=tl.uint32, is_pure=True, pack=1,
+        )
+    return (lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+            | (hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
+
+
+def _hfma2_impl(a, b, c, USE_ASM: tl.constexpr):
+    """a·b + c on uint32 words holding fp16 pairs, lane by lane, rounded to fp16 (one HFMA2 on the GPU)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.uint32, is_pure=True, pack=1,
+        )
+    a_lo, a_hi = _halves(a, False)
+    b_lo, b_hi = _halves(b, False)
+    c_lo, c_hi = _halves(c, False)
+    return _pack_half2(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi, False)
+
+
+def _hadd2_impl(a, b):
+    """a + b on uint32 words holding fp16 pairs, a reduction's combine function (one HADD2)."""
+    return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.uint32, is_pure=True,
+                                     pack=1)
+
+
+def _hadd2_ref_impl(a, b):
+    """`_hadd2` without inline assembly (the interpreter)."""
+    a_lo, a_hi = _halves(a, False)
+    b_lo, b_hi = _halves(b, False)
+    return _pack_half2(a_lo + b_lo, a_hi + b_hi, False)
+
+
 def _gemv_load_impl(
     x_row, stride_xk, w_rows, s_row, z_row, stride_s1, k0, K, KW,
     BITS: tl.constexpr, PER_IC: tl.constexpr, MASKED: tl.constexpr,
@@ -278,6 +316,7 @@ def _gemv_kernel(
     NCHUNK: tl.constexpr,  # chunks of K a step, one or two a thread
     UNITS: tl.constexpr,  # words a chunk (bits 2/4/8), or 32-code blocks of the two planes (3 bits)
     PREFETCH: tl.constexpr,  # load step i+1 before computing step i
+    HALF: tl.constexpr,  # bf16 x: products summed in fp16 pairs (HFMA2) before fp32 (fp16/fp32 x: ignored)
 ):
     """y[m, rows] for one row m of x and BLOCK_N weight rows, stepping through K NCHUNK chunks at a time."""
     P: tl.constexpr = 32 if BITS == 3 else 32 // BITS
@@ -296,7 +335,9 @@ def _gemv_kernel(
         grp_ic = (pid * BLOCK_N) >> GROUP_SHIFT  # every row of the block lies in this group (BLOCK_N ≤ group)
         s_row = s_ptr + grp_ic * stride_s0
         z_row = z_ptr + grp_ic * stride_s0
-    ones = tl.full((BLOCK_N, NCHUNK, UNITS), 0x3C003C00, tl.uint32)  # a pair of fp16 1.0
+    HALF_ON: tl.constexpr = HALF and x_ptr.dtype.element_ty == tl.bfloat16
+    # a pair of fp16 1.0; HALF: of 2^-4, so that the codes' pairs are v / 16 and fp16 sums of v·x stay finite
+    ones = tl.full((BLOCK_N, NCHUNK, UNITS), 0x2C002C00 if HALF_ON else 0x3C003C00, tl.uint32)
     acc = tl.zeros((BLOCK_N, NCHUNK), dtype=tl.float32)
     acc_x = tl.zeros((NCHUNK,), dtype=tl.float32)  # per-IC: the row-independent terms
     if PREFETCH:  # software pipelining by hand: the next step's loads are in flight during this step's math
@@ -317,7 +358,7 @@ def _gemv_kernel(
             x = x * tl.reshape(tl.permute(s.to(tl.float32), (1, 0, 2)), (NCHUNK, CHUNK))
             zx = tl.sum(x * tl.reshape(tl.permute(z.to(tl.float32), (1, 0, 2)), (NCHUNK, CHUNK)), axis=1)
         xs = tl.sum(x, axis=1)
-        qx = _gemv_qx_pairs(wa, wb, x, xs, ones, BITS, BLOCK_N, NCHUNK, UNITS, USE_ASM)
+        qx = _gemv_qx_pairs(wa, wb, x, xs, ones, BITS, BLOCK_N, NCHUNK, UNITS, USE_ASM, HALF_ON)
         if PER_IC:
             acc += qx
             acc_x += zx
@@ -342,14 +383,22 @@ def _gemv_kernel(
 
 
 def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.constexpr, NCHUNK: tl.constexpr,
-                        UNITS: tl.constexpr, USE_ASM: tl.constexpr):
+                        UNITS: tl.constexpr, USE_ASM: tl.constexpr, HALF: tl.constexpr):
     """Σ_chunk q·x per (row, chunk) through fp16 pairs (bits 2/3/4/8): wa, wb packed words (BLOCK_N, NCHUNK, ·),
-    x (NCHUNK, CHUNK) fp32 and xs its chunk sums."""
+    x (NCHUNK, CHUNK) fp32 and xs its chunk sums.
+
+    HALF: `ones` holds fp16 2^-4, so the pairs are v/16; each meets an fp16 pair of x in one HFMA2, and the
+    sums stay in fp16 over a chunk's units (at most 16 pairs a lane, so |x| < 32752 stays finite) before they
+    join the fp32 sum: relative error about 1e-3, below a bf16 output's rounding."""
     P: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     H: tl.constexpr = P // 2  # code pairs a unit
     SCALE: tl.constexpr = 1 << BITS
+    FLUSH: tl.constexpr = 8 if H > 8 else H  # HALF: pairs a lane sums in fp16 before they join the fp32 sum
     # x as the kernel pairs codes: unit u holds codes u·P + j (low halves) and u·P + H + j (high halves)
     x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, (NCHUNK, UNITS, 2, H)), (0, 1, 3, 2)))
+    if HALF:
+        xp = _pack_half2(x_lo, x_hi, USE_ASM)
+        p16 = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.uint32)
     # Pair j: one shift and one LOP3 put two codes into an fp16 pair v = 1 + q / 2^b (no int→float
     # conversion), each half widens to fp32 and meets its x in one FMA: p = Σ_chunk v·x per row and
     # Σ q·x = 2^b·(p − Σx).
@@ -364,6 +413,7 @@ def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.con
     else:
         w = wa.to(tl.uint32, bitcast=True)
     p = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
+    p_half = tl.zeros((BLOCK_N, NCHUNK), dtype=tl.float32)
     for j in tl.static_range(H):
         if BITS == 3:
             if j < 8:
@@ -375,9 +425,21 @@ def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.con
         else:
             pairs = _select(_rotl(w, (10 - BITS - j * BITS) & 31), (((1 << BITS) - 1) << (10 - BITS)) * 0x10001,
                             ones, USE_ASM)
-        v_lo, v_hi = _halves(pairs, USE_ASM)
-        p += v_lo * _take(x_lo, NCHUNK, UNITS, H, j)[None, :, :]
-        p += v_hi * _take(x_hi, NCHUNK, UNITS, H, j)[None, :, :]
+        if HALF:
+            p16 = _hfma2(pairs, _take(xp, NCHUNK, UNITS, H, j)[None, :, :], p16, USE_ASM)
+            if (j + 1) % FLUSH == 0:  # the chunk's units summed in fp16, then the two halves in fp32
+                if USE_ASM:
+                    s_lo, s_hi = _halves(tl.reduce(p16, 2, _hadd2), True)
+                else:
+                    s_lo, s_hi = _halves(tl.reduce(p16, 2, _hadd2_ref), False)
+                p_half += s_lo + s_hi
+                p16 = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.uint32)
+        else:
+            v_lo, v_hi = _halves(pairs, USE_ASM)
+            p += v_lo * _take(x_lo, NCHUNK, UNITS, H, j)[None, :, :]
+            p += v_hi * _take(x_hi, NCHUNK, UNITS, H, j)[None, :, :]
+    if HALF:
+        return SCALE * (16.0 * p_half - xs[None, :])
     return SCALE * (tl.sum(p, axis=2) - xs[None, :])
 
 
@@ -539,20 +601,21 @@ def _dequant_kernel(
 GEMV_MAX_M = 1  # the CUDA-core GEMV serves M = 1; from 2 rows on the tensor-core kernel costs no more
 
 
-# GEMV launch configs (BLOCK_N, NCHUNK, UNITS, num_warps, PREFETCH): BLOCK_N rows a program, all of them
-# in every thread; NCHUNK chunks of UNITS units (words; 32-code blocks at 3 bits) a step, one or two chunks a
-# thread. Pre-tuned per (bits, layout, K, N) on an H100 (`bench/lowbit_gemm.py --sweep`); other shapes take
-# the default of their bit width.
-GEMV_DEFAULT = {2: (4, 64, 2, 2, False), 3: (4, 64, 1, 2, False), 4: (4, 64, 4, 2, False),
-                8: (4, 64, 4, 2, False)}
-GEMV_PRETUNED: dict[tuple, tuple] = {  # H100 sweep at g128, 2026-11-24 (docs/lowbit_gemv_sweep_h100.json)
-    (4, "oc", 4096, 14336): (4, 64, 4, 2, False), (4, "ic", 4096, 14336): (4, 128, 1, 4, False),
-    (4, "oc", 14336, 4096): (4, 64, 4, 2, False), (4, "ic", 14336, 4096): (8, 128, 2, 4, False),
-    (3, "oc", 4096, 14336): (4, 64, 1, 2, False), (3, "ic", 4096, 14336): (4, 64, 1, 2, False),
-    (3, "oc", 14336, 4096): (4, 64, 1, 2, False), (3, "ic", 14336, 4096): (4, 64, 1, 2, False),
+# GEMV launch configs (BLOCK_N, NCHUNK, UNITS, num_warps, PREFETCH, HALF): BLOCK_N rows a program, all of
+# them in every thread; NCHUNK chunks of UNITS units (words; 32-code blocks at 3 bits) a step, one or two
+# chunks a thread; HALF: fp16-pair sums for bf16 x. Pre-tuned per (bits, layout, K, N) on an H100
+# (`bench/lowbit_gemm.py --sweep`, docs/lowbit_gemv_half_sweep_h100.json); other shapes take their bit
+# width's default.
+GEMV_DEFAULT = {2: (4, 64, 2, 2, False, True), 3: (4, 64, 1, 2, False, True), 4: (4, 64, 4, 2, False, True),
+                8: (4, 64, 4, 2, False, True)}
+GEMV_PRETUNED: dict[tuple, tuple] = {  # H100 sweep at g128, 2026-11-24
+    (4, "ic", 4096, 4096): (4, 128, 2, 4, False, True), (4, "ic", 4096, 6144): (4, 128, 1, 4, False, True),
+    (4, "ic", 4096, 14336): (4, 128, 2, 4, False, True), (4, "ic", 14336, 4096): (4, 128, 2, 4, False, True),
 }
-GEMV_CANDIDATES = [(4, 64, 4, 2, False), (4, 64, 2, 2, False), (4, 64, 1, 2, False), (4, 128, 1, 4, False),
-                   (8, 128, 2, 4, False), (4, 128, 4, 4, False), (2, 64, 1, 2, False), (8, 128, 4, 4, True)]
+GEMV_CANDIDATES = [(4, 64, 4, 2, False, True), (4, 64, 2, 2, False, True), (4, 64, 1, 2, False, True),
+                   (4, 128, 1, 4, False, True), (4, 128, 2, 4, False, True), (8, 128, 2, 4, False, True),
+                   (2, 64, 4, 2, False, True), (4, 32, 4, 1, False, True), (4, 64, 4, 2, False, False),
+                   (4, 64, 1, 2, False, False), (4, 128, 1, 4, False, False)]
 
 
 def gemv_unit(bits: int) -> int:
@@ -571,8 +634,9 @@ def gemv_min_chunk(bits: int) -> int:
 
 
 def _gemv_fits(cfg: tuple, bits: int, group_size: int, per_ic: bool, k: int, n: int) -> bool:
-    """Per-OC, a chunk must lie inside one group; per-IC, a program's rows must (BLOCK_N ≤ group)."""
-    block_n, _, units, _, _ = cfg
+    """Per-OC, a chunk must lie inside one group; per-IC, a program's rows must (BLOCK_N ≤ group). `cfg` starts
+    with (BLOCK_N, NCHUNK, UNITS)."""
+    block_n, _, units = cfg[:3]
     if per_ic:
         return group_size >= n or block_n <= group_size
     return group_size >= k or group_size % (units * gemv_unit(bits)) == 0
@@ -582,19 +646,19 @@ def _gemv_meta(bits: int, group_size: int, per_ic: bool, k: int, n: int) -> dict
     """The launch config of a GEMV call: pre-tuned for its shape, else its bit width's default, with chunks
     (per-OC) or rows (per-IC) narrowed to fit a small group. Under TRITON_INTERPRET=1 a single small tile."""
     if _interpret_mode():
-        return {"BLOCK_N": 4, "NCHUNK": 2, "UNITS": gemv_min_units(bits), "PREFETCH": True, "num_warps": 1,
-                "num_stages": 1}
-    block_n, nchunk, units, warps, prefetch = GEMV_PRETUNED.get((bits, "ic" if per_ic else "oc", k, n),
-                                                                GEMV_DEFAULT[bits])
-    while not _gemv_fits((block_n, nchunk, units, warps, prefetch), bits, group_size, per_ic, k, n):
+        return {"BLOCK_N": 4, "NCHUNK": 2, "UNITS": gemv_min_units(bits), "PREFETCH": True, "HALF": True,
+                "num_warps": 1, "num_stages": 1}
+    block_n, nchunk, units, warps, prefetch, half = GEMV_PRETUNED.get((bits, "ic" if per_ic else "oc", k, n),
+                                                                      GEMV_DEFAULT[bits])
+    while not _gemv_fits((block_n, nchunk, units), bits, group_size, per_ic, k, n):
         units, block_n = (units // 2, block_n) if units > gemv_min_units(bits) else (units, block_n // 2)
-    return _gemv_kwargs((block_n, nchunk, units, warps, prefetch))
+    return _gemv_kwargs((block_n, nchunk, units, warps, prefetch, half))
 
 
 def _gemv_kwargs(cfg: tuple) -> dict:
-    block_n, nchunk, units, warps, prefetch = cfg
-    return {"BLOCK_N": block_n, "NCHUNK": nchunk, "UNITS": units, "PREFETCH": prefetch, "num_warps": warps,
-            "num_stages": 1}
+    block_n, nchunk, units, warps, prefetch, half = cfg
+    return {"BLOCK_N": block_n, "NCHUNK": nchunk, "UNITS": units, "PREFETCH": prefetch, "HALF": half,
+            "num_warps": warps, "num_stages": 1}
 
 
 def _mma_configs() -> list:
@@ -658,8 +722,8 @@ def _autotune_bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
-_HELPERS = ("_spread3", "_spread4", "_fields", "_select", "_rotl", "_take", "_halves", "_dequant_tile",
-            "_gemv_load", "_gemv_qx_pairs")
+_HELPERS = ("_spread3", "_spread4", "_fields", "_select", "_rotl", "_take", "_halves", "_pack_half2", "_hfma2",
+            "_hadd2", "_hadd2_ref", "_dequant_tile", "_gemv_load", "_gemv_qx_pairs")
 
 
 @functools.cache

@@ -65,10 +65,11 @@ def cases():
     wo_ptrs = {"x_ptr": "bf16", "w_ptr": "i32", "s_ptr": "fp16", "z_ptr": "fp16", "bias_ptr": "bf16", "y_ptr": "bf16"}
     for bits in (2, 3, 4, 8):
         for per_ic in (False, True):
-            units = lm.gemv_min_units(bits) if bits == 3 else 4
-            yield (f"gemv W{bits} {'ic' if per_ic else 'oc'}", low["gemv"], wo_ptrs, (),
-                   dict(BITS=bits, PER_IC=per_ic, HAS_BIAS=True, EVEN_K=True, USE_ASM=True, BLOCK_N=4, NCHUNK=64,
-                        UNITS=units, PREFETCH=bits == 4), 2)
+            for half in (False, True):
+                units = lm.gemv_min_units(bits) if bits == 3 else 4
+                yield (f"gemv W{bits} {'ic' if per_ic else 'oc'}{' half' if half else ''}", low["gemv"], wo_ptrs, (),
+                       dict(BITS=bits, PER_IC=per_ic, HAS_BIAS=True, EVEN_K=True, USE_ASM=True, BLOCK_N=4,
+                            NCHUNK=64, UNITS=units, PREFETCH=bits == 4, HALF=half), 2)
     for bits in (3, 4):
         for per_ic in (False, True):
             yield (f"mma W{bits} {'ic' if per_ic else 'oc'}", low["mma"], wo_ptrs, (),
