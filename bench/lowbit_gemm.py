@@ -1,7 +1,8 @@
 """Per-layer speed of the fused low-bit weight-only kernels at Llama-3-8B shapes against bf16, in one run (GPU).
 
 Rows per (K×N, M): bf16 `F.linear` (cuBLAS) and `lowbit_matmul` (the dispatch the module uses: the CUDA-core
-GEMV at M = 1, tensor-core tiles above) for W4/W3/W2 at g128/g64 in both group layouts (per-OC, per-IC).
+GEMV for up to 2 (per-OC) or 4 (per-IC) rows, tensor-core tiles above) for W4/W3/W2 at g128/g64 in both group
+layouts (per-OC, per-IC).
 Timing: CUDA-graph replay over weight copies that defeat L2 (primary) and `triton.testing.do_bench` eager with
 its L2 flush (includes the host-side launch path). Reported besides: bytes moved (packed weight + scales/zeros +
 activations), the bandwidth that implies and its fraction of the measured device-copy bandwidth, the bf16 →
@@ -76,7 +77,7 @@ def _compile_task(task: tuple) -> int:
     x = torch.empty((m, k), dtype=torch.bfloat16, device="cuda")
     bias = torch.empty(n, dtype=torch.bfloat16, device="cuda") if has_bias else None
     if kernel is None:
-        kernel = "gemv" if m <= lm.GEMV_MAX_M and lm.gemv_supported(x, bits, group, layout) else "mma"
+        kernel = "gemv" if lm.uses_gemv(x, bits, group, layout) else "mma"
     return lm.compile_candidates(x, packed, scale, zero, bits, group, layout, bias, kernel=kernel, configs=configs)
 
 
@@ -93,7 +94,7 @@ def precompile(cases: list[tuple], workers: int) -> int:
     (decode or prefill tiles) and, per-OC, on the group size."""
     seen, tasks = set(), []
     for k, n, m, bits, group, layout in cases:
-        kernel = "gemv" if m <= lm.GEMV_MAX_M else "mma"
+        kernel = "gemv" if m <= lm.GEMV_MAX_M[layout] else "mma"
         sig = (kernel, bits, layout, k) if kernel == "gemv" else (kernel, m <= 16, bits, layout, group)
         if sig not in seen:
             seen.add(sig)
@@ -142,7 +143,7 @@ def bench_case(k: int, n: int, m: int, eager: bool, copy_gbps: float, bf16_cache
 
 def _path_taken(x, w, bits: int, group: int, layout: str) -> str:
     """Which implementation `lowbit_matmul` ran: "gemv", "mma" (fused tensor-core tiles) or "dense"."""
-    if x.shape[0] <= lm.GEMV_MAX_M and lm.gemv_supported(x, bits, group, layout):
+    if lm.uses_gemv(x, bits, group, layout):
         return "gemv"
     if x.shape[0] >= lm.PREFILL_MIN_M:
         return lm._prefill_path(x, *w, bits, group, layout, None)

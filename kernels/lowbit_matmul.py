@@ -8,8 +8,9 @@ grouped along K (`group_dim="oc"`, indexed `[n, k // g]`) or along N (`"ic"`, in
 `lowbit_matmul_reference` is the specification (pure PyTorch, any device, differentiable w.r.t. x).
 Triton kernels implement it on the GPU; `lowbit_matmul` dispatches by device and M:
 
-- `_gemv_kernel` (M = 1, decode): CUDA-core GEMV. Each thread owns a chunk of K (`UNITS` packed words; at
-  3 bits, 32-code blocks of both planes) for all `BLOCK_N` rows of its program, loaded as 16-byte vectors. One
+- `_gemv_kernel` (decode: M ≤ 2 per-OC, ≤ 4 per-IC): CUDA-core GEMV, one program column per row of x. Each
+  thread owns a chunk of K (`UNITS` packed words; at 3 bits, 32-code blocks of both planes) for all `BLOCK_N`
+  rows of its program, loaded as 16-byte vectors. One
   shift and one LOP3 put two codes into an fp16 pair `v = 1 + q / 2^b` (no int→float conversion), each half
   widens to fp32 and meets its x in one FMA, so Σ q·x = 2^b·(Σ v·x − Σ x). The group's scale and zero are
   applied once per chunk: Σ (q − z)·s·x = s·(Σ q·x − z·Σ x). Per-IC scales vary along K, so they scale x instead
@@ -18,7 +19,7 @@ Triton kernels implement it on the GPU; `lowbit_matmul` dispatches by device and
   fp16 over a chunk before fp32: a third fewer instructions a code, about 1e-3 relative error (below the bf16
   output's rounding); fp16 and fp32 x keep fp32 sums. Launch configs are pre-tuned per shape
   (`GEMV_PRETUNED`), not autotuned.
-- `_mma_kernel` (M ≥ 2): tiled tensor-core GEMM, x tile · dequantized weight tileᵀ, with the per-element
+- `_mma_kernel` (larger M): tiled tensor-core GEMM, x tile · dequantized weight tileᵀ, with the per-element
   dequantization `v·S + C` in the K loop; narrow 16-row tiles with long K steps for decode-sized M, 128/256-row
   tiles for prefill.
 - Prefill (M ≥ `PREFILL_MIN_M`, half-precision x): `_dequant_kernel` writes the dense weight in one
@@ -598,7 +599,10 @@ def _dequant_kernel(
 # Configs, autotuning and launch
 # ----------------------------------------------------------------------------------------------------
 
-GEMV_MAX_M = 1  # the CUDA-core GEMV serves M = 1; from 2 rows on the tensor-core kernel costs no more
+# Rows of x up to which the CUDA-core GEMV (one program column per row) beats the tensor-core kernel on an
+# H100 at Llama-3-8B shapes, W4/W3 g128 (docs/lowbit_gemv_small_m_h100.json): per-IC tiles pay more for their
+# per-column scales, so the GEMV serves per-IC a little longer.
+GEMV_MAX_M = {"oc": 2, "ic": 4}
 
 
 # GEMV launch configs (BLOCK_N, NCHUNK, UNITS, num_warps, PREFETCH, HALF): BLOCK_N rows a program, all of
@@ -750,6 +754,11 @@ _TUNED_META: dict[tuple, dict] = {}
 def gemv_supported(x: torch.Tensor, bits: int, group_size: int, group_dim: str) -> bool:
     """The GEMV needs each thread's K chunk (at least `gemv_min_chunk(bits)` codes) inside one per-OC group."""
     return group_dim == "ic" or group_size % gemv_min_chunk(bits) == 0 or group_size >= x.shape[1]
+
+
+def uses_gemv(x: torch.Tensor, bits: int, group_size: int, group_dim: str) -> bool:
+    """Whether `lowbit_matmul_triton` runs this call through the GEMV: few rows, and a layout it supports."""
+    return x.shape[0] <= GEMV_MAX_M[group_dim] and gemv_supported(x, bits, group_size, group_dim)
 
 
 @dataclasses.dataclass
@@ -936,11 +945,11 @@ def _prefill_path(x, packed, scale, zero, bits, group_size, group_dim, bias) -> 
 
 
 def lowbit_matmul_triton(x, packed, scale, zero, bits, group_size, group_dim, bias=None) -> torch.Tensor:
-    """Kernel choice by M: the GEMV for a single row (where its group layout allows), the tensor-core kernel
-    for decode-sized M, and for prefill-sized M (bf16/fp16 on a GPU) the faster of that kernel and the dense
-    path, measured once per shape."""
+    """Kernel choice by M: the GEMV for up to `GEMV_MAX_M` rows (where its group layout allows), the
+    tensor-core kernel for decode-sized M, and for prefill-sized M (bf16/fp16 on a GPU) the faster of that
+    kernel and the dense path, measured once per shape."""
     m = x.shape[0]
-    if m <= GEMV_MAX_M and gemv_supported(x, bits, group_size, group_dim):
+    if uses_gemv(x, bits, group_size, group_dim):
         return _run(_plan(x, packed, scale, zero, bits, group_size, group_dim, bias, "gemv"), None)
     if m >= PREFILL_MIN_M and x.is_cuda and x.dtype != torch.float32:
         if _prefill_path(x, packed, scale, zero, bits, group_size, group_dim, bias) == "dense":

@@ -323,6 +323,22 @@ def test_dispatch_by_m_and_group_layout():
 
 
 @needs_triton
+@pytest.mark.parametrize("layout", ["oc", "ic"])
+def test_gemv_serves_a_few_rows(layout):
+    # Decode with a small batch: the GEMV takes up to GEMV_MAX_M rows (one program column each, strided x),
+    # the tensor-core kernel the rest; both match the reference.
+    k, n, g = 128, 32, 32
+    _, packed, scale, zero = _layer(n, k, 4, g, layout, seed=60)
+    top = lm.GEMV_MAX_M[layout]
+    for m in (top, top + 1):
+        x = _x(m, k, torch.float32, seed=61 + m, contiguous=False)
+        assert lm.uses_gemv(x, 4, g, layout) == (m == top)
+        ref = lm.lowbit_matmul_reference(x, packed, scale, zero, 4, g, layout)
+        assert _rel(ref, lm.lowbit_matmul_triton(x, packed, scale, zero, 4, g, layout)) < FP32_TOL
+    assert _rel(ref, lm.lowbit_gemv_triton(x, packed, scale, zero, 4, g, layout)) < FP32_TOL
+
+
+@needs_triton
 def test_tuned_tiles_are_keyed_by_group_size():
     # A per-IC tile must not be wider than a group: a tile tuned for g=128 (BLOCK_N 128) must not be reused
     # for g=64 on the same shape. Both the cached launch key and triton's autotune key carry the group size.
