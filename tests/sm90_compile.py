@@ -20,6 +20,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
+# Strides that are 1 for contiguous operands: triton's launcher specializes an integer argument of 1 as a constant.
+UNIT_STRIDES = ("stride_xk", "stride_s1", "stride_ak", "stride_wk", "stride_cn", "stride_ws", "stride_as",
+                "stride_bias")
 
 
 def _module(name: str):
@@ -35,17 +38,23 @@ def _jit_fn(kernel):
 
 def compile_case(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict, num_warps: int):
     """Compile `kernel` for sm_90: `pointers` maps pointer params to element types; `floats` names fp32 scalars;
-    every other non-constexpr param is an i32. Returns the SASS instruction count."""
+    every other non-constexpr param is an i32. As triton's launcher does for typical arguments, unit strides
+    (`UNIT_STRIDES`) are constants and every pointer and other integer is marked 16-divisible, so loads vectorize as they do on the GPU. Returns the SASS instruction count."""
     fn = _jit_fn(kernel)
-    signature = {}
+    constexprs = {**{name: 1 for name in UNIT_STRIDES if name in fn.arg_names}, **constexprs}
+    signature, divisible = {}, []
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = f"*{pointers[name]}"
+            divisible.append(name)
         else:
             signature[name] = "fp32" if name in floats else "i32"
-    src = ASTSource(fn=fn, signature=signature,
+            if name not in floats and "SHIFT" not in name:
+                divisible.append(name)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": 2})
     nvdisasm = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "nvdisasm")
