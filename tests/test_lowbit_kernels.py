@@ -323,6 +323,22 @@ def test_dispatch_by_m_and_group_layout():
 
 
 @needs_triton
+@pytest.mark.parametrize("bits", [3, 4])
+def test_half_gemv_keeps_large_activations_finite(bits):
+    # The fp16-pair sums hold |x| up to 32752 (codes scaled to v/16, at most 16 products a lane): an outlier
+    # channel of 30000 in a bf16 row must not overflow.
+    k, n, g = 256, 16, 64
+    _, packed, scale, zero = _layer(n, k, bits, g, "oc", seed=70 + bits)
+    x = _x(1, k, torch.bfloat16, seed=71)
+    x[0, 5] = 30000.0
+    cfg = {"BLOCK_N": 4, "NCHUNK": 2, "UNITS": lm.gemv_min_units(bits), "PREFETCH": False, "HALF": True,
+           "num_warps": 1, "num_stages": 1}
+    y = lm.lowbit_gemv_triton(x, packed, scale, zero, bits, g, "oc", config=cfg)
+    ref = lm.lowbit_matmul_reference(x.float(), packed, scale, zero, bits, g, "oc")
+    assert torch.isfinite(y).all() and _rel(ref, y) < HALF_GEMV_TOL
+
+
+@needs_triton
 @pytest.mark.parametrize("layout", ["oc", "ic"])
 def test_gemv_serves_a_few_rows(layout):
     # Decode with a small batch: the GEMV takes up to GEMV_MAX_M rows (one program column each, strided x),
