@@ -10,9 +10,9 @@ Triton kernels implement it on the GPU; `lowbit_matmul` dispatches by device and
 
 - `_gemv_kernel` (decode: M ≤ 2 per-OC, ≤ 4 per-IC): CUDA-core GEMV, one program column per row of x. Each
   thread owns a chunk of K (`UNITS` packed words; at 3 bits, 32-code blocks of both planes) for all `BLOCK_N`
-  rows of its program, loaded as 16-byte vectors. One
-  shift and one LOP3 put two codes into an fp16 pair `v = 1 + q / 2^b` (no int→float conversion), each half
-  widens to fp32 and meets its x in one FMA, so Σ q·x = 2^b·(Σ v·x − Σ x). The group's scale and zero are
+  rows of its program, loaded as 16-byte vectors. One shift and one LOP3 put two codes into an fp16 pair
+  `v = 1 + q / 2^b` (no int→float conversion), each half widens to fp32 and meets its x in one FMA, so
+  Σ q·x = 2^b·(Σ v·x − Σ x). The group's scale and zero are
   applied once per chunk: Σ (q − z)·s·x = s·(Σ q·x − z·Σ x). Per-IC scales vary along K, so they scale x instead
   (x' = s·x, with Σ z·x' the same for every row), which needs all rows of a program in one group
   (BLOCK_N ≤ g). For bf16 x (`HALF`), the pair is v/16 and meets an fp16 pair of x in one HFMA2, summed in
@@ -399,10 +399,13 @@ def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.con
     x_lo, x_hi = tl.split(tl.permute(tl.reshape(x, (NCHUNK, UNITS, 2, H)), (0, 1, 3, 2)))
     if HALF:
         xp = _pack_half2(x_lo, x_hi, USE_ASM)
-        p16 = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.uint32)
+        p16 = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.uint32)  # fp16 pairs: Σ (v/16)·x a lane
+        p = tl.zeros((BLOCK_N, NCHUNK), dtype=tl.float32)
+    else:
+        p = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
     # Pair j: one shift and one LOP3 put two codes into an fp16 pair v = 1 + q / 2^b (no int→float
-    # conversion), each half widens to fp32 and meets its x in one FMA: p = Σ_chunk v·x per row and
-    # Σ q·x = 2^b·(p − Σx).
+    # conversion), each half widens to fp32 and meets its x in one FMA (HALF: the pair meets x's pair in one
+    # HFMA2): p = Σ_chunk v·x per row and Σ q·x = 2^b·(p − Σx).
     if BITS == 3:
         # A unit is 32 codes: a bit-0 word (code k at bit k) and two (q >> 1) words, codes 0-15 and 16-31.
         # Regrouped by halves, 2-bit field j of `r_lo` / `r_hi` is codes j / 8 + j (low) and 16 + j /
@@ -413,8 +416,6 @@ def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.con
         r_hi = (w1a >> 16) | (w1b & 0xFFFF0000)
     else:
         w = wa.to(tl.uint32, bitcast=True)
-    p = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.float32)
-    p_half = tl.zeros((BLOCK_N, NCHUNK), dtype=tl.float32)
     for j in tl.static_range(H):
         if BITS == 3:
             if j < 8:
@@ -433,15 +434,17 @@ def _gemv_qx_pairs_impl(wa, wb, x, xs, ones, BITS: tl.constexpr, BLOCK_N: tl.con
                     s_lo, s_hi = _halves(tl.reduce(p16, 2, _hadd2), True)
                 else:
                     s_lo, s_hi = _halves(tl.reduce(p16, 2, _hadd2_ref), False)
-                p_half += s_lo + s_hi
+                p += s_lo + s_hi
                 p16 = tl.zeros((BLOCK_N, NCHUNK, UNITS), dtype=tl.uint32)
         else:
             v_lo, v_hi = _halves(pairs, USE_ASM)
             p += v_lo * _take(x_lo, NCHUNK, UNITS, H, j)[None, :, :]
             p += v_hi * _take(x_hi, NCHUNK, UNITS, H, j)[None, :, :]
     if HALF:
-        return SCALE * (16.0 * p_half - xs[None, :])
-    return SCALE * (tl.sum(p, axis=2) - xs[None, :])
+        qx = SCALE * (16.0 * p - xs[None, :])
+    else:
+        qx = SCALE * (tl.sum(p, axis=2) - xs[None, :])
+    return qx
 
 
 def _dequant_tile_impl(
