@@ -370,19 +370,21 @@ def refit_group_params(
     def expand(p: torch.Tensor) -> torch.Tensor:
         return expand_groups(p, g, dim, shape)
 
-    def apply(ds: torch.Tensor, dc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normal operator: (groupsum(Q ∘ (ΔŴ H)), −groupsum(ΔŴ H)) for ΔŴ = Q ∘ ΔS − ΔC."""
-        gh = (q * expand(ds) - expand(dc)) @ h
+    def group_terms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(groupsum(Q ∘ (Δ H)), −groupsum(Δ H)) of a weight difference Δ: scale and C components."""
+        gh = delta @ h
         return _group_sum(q * gh, g, dim), -_group_sum(gh, g, dim)
+
+    def apply(ds: torch.Tensor, dc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normal operator: `group_terms(ΔŴ)` for ΔŴ = Q ∘ ΔS − ΔC."""
+        return group_terms(q * expand(ds) - expand(dc))
 
     s0, z0 = quantized.scale.float(), quantized.zero.float()
     c0 = z0 * s0
     hd = torch.diag(h)[None, :].expand(shape)
     scale_s = (_group_sum(q * q * hd, g, dim) + 1e-12).reciprocal()  # Jacobi preconditioner
     scale_c = (_group_sum(hd, g, dim) + 1e-12).reciprocal()
-    residual_w = w - (q * expand(s0) - expand(c0))
-    gh = residual_w @ h
-    rs, rc = _group_sum(q * gh, g, dim), -_group_sum(gh, g, dim)  # −gradient at the current parameters
+    rs, rc = group_terms(w - (q * expand(s0) - expand(c0)))  # −gradient at the current parameters
     xs, xc = torch.zeros_like(s0), torch.zeros_like(c0)
     zs, zc = rs * scale_s, rc * scale_c
     ps, pc = zs.clone(), zc.clone()

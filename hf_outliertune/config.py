@@ -257,8 +257,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         _check_choice("group_dim", self.group_dim, GROUP_DIMS)
         _check_choice("weight_clip", self.weight_clip, WEIGHT_CLIPS)
         if self.refit_rounds is None:
-            data_free_rtn = self.weight_algorithm == "rtn" and self.group_dim != "adaptive" and self.weight_clip == "minmax"
-            self.refit_rounds = 0 if data_free_rtn else DEFAULT_REFIT_ROUNDS
+            self.refit_rounds = 0 if self._rtn_from_weights_alone else DEFAULT_REFIT_ROUNDS
         if isinstance(self.refit_rounds, bool) or not isinstance(self.refit_rounds, int) or not 0 <= self.refit_rounds <= 8:
             raise ValueError(
                 f"OutlierTuneConfig.refit_rounds={self.refit_rounds!r} is invalid; it must be an integer in [0, 8] "
@@ -307,11 +306,14 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         return self.act_bits is None
 
     @property
+    def _rtn_from_weights_alone(self) -> bool:
+        """RTN with a fixed layout and min-max groups: it chooses grids and codes from the weight alone."""
+        return self.weight_algorithm == "rtn" and self.group_dim != "adaptive" and self.weight_clip == "minmax"
+
+    @property
     def needs_calibration(self) -> bool:
         """False only for weight-only RTN with fixed layout, min-max groups and no refit: it needs no data at all."""
-        data_free = (self.weight_algorithm == "rtn" and self.group_dim != "adaptive" and self.weight_clip == "minmax"
-                     and not self.refit_rounds)
-        return not (self.weight_only and data_free)
+        return not (self.weight_only and self._rtn_from_weights_alone and not self.refit_rounds)
 
     @property
     def uses_static_activations(self) -> bool:
