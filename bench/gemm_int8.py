@@ -31,10 +31,16 @@ import importlib  # noqa: E402
 
 int8_matmul_module = importlib.import_module("hf_outliertune.kernels.int8_matmul")
 from hf_outliertune.kernels.act_quant import norm_quant_triton, per_token_quant_triton  # noqa: E402
-from hf_outliertune.kernels.int8_matmul import int8_matmul_cuda, int8_matmul_tma, int8_matmul_triton  # noqa: E402
+from hf_outliertune.kernels.int8_matmul import (  # noqa: E402
+    int8_gemv_triton,
+    int8_matmul_cuda,
+    int8_matmul_tma,
+    int8_matmul_triton,
+)
 from hf_outliertune.rotation import hadamard_block_size  # noqa: E402
 
-SHAPES = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N): fused qkv, o, gate/up, down
+COLUMNS = ("ours", "ours+quant", "ours_gemv", "ours_tiled", "ours_tma", "_int_mm", "fp8_rowwise")
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (K, N): fused qkv, o, gate/up, down, k/v
 MS = [1, 16, 64, 256, 1024, 2048, 8192]
 
 
@@ -53,6 +59,9 @@ def bench_shape(k: int, n: int, m: int, eager: bool) -> dict:
         "ours+quant": [lambda w=w: _quant_then_gemm(x, block, w, w_scale) for w in w8],
         "ours_tiled": [lambda w=w: int8_matmul_triton(codes, w, w_scale, a_scale, None, torch.bfloat16) for w in w8],
     }
+    if m <= 16:
+        variants["ours_gemv"] = [lambda w=w: int8_gemv_triton(codes, w, w_scale, a_scale, None, torch.bfloat16)
+                                 for w in w8]
     if m >= 64:
         variants["ours_tma"] = [lambda w=w: int8_matmul_tma(codes, w, w_scale, a_scale, None, torch.bfloat16)
                                 for w in w8]
@@ -78,6 +87,27 @@ def bench_shape(k: int, n: int, m: int, eager: bool) -> dict:
     row["ours_tops"] = 2 * m * n * k / row["graph_us"]["ours"] / 1e6
     row["ours_weight_GBps"] = n * k / row["graph_us"]["ours"] / 1e3
     return row
+
+
+GEMV_GRID = [(bn, bk, warps) for bn in (1, 2, 4, 8, 16) for bk in (64, 128, 256, 512) for warps in (2, 4, 8)
+             if 4 <= bn * bk // (32 * warps) <= 64]  # 4 to 64 words a thread a step
+
+
+def sweep_gemv(k: int, n: int, m: int) -> dict:
+    """Every GEMV tile in `GEMV_GRID` at one shape (CUDA graph, rotating weights): the data behind `_GEMV_PRETUNED`."""
+    codes, a_scale = per_token_quant_triton(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), 8)
+    w8 = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(copies_to_defeat_l2(n * k))]
+    w_scale = torch.rand(n, device="cuda") * 1e-3
+    times = {}
+    for bn, bk, warps in GEMV_GRID:
+        cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+        times[f"{bn}x{bk}w{warps}"] = graph_time_us(
+            [lambda w=w: int8_gemv_triton(codes, w, w_scale, a_scale, None, torch.bfloat16, config=cfg) for w in w8])
+    best = min(times, key=times.get)
+    print(f"GEMV sweep {k}×{n} M={m}: best {best} {times[best]:.1f} µs; default "
+          f"{graph_time_us([lambda w=w: int8_gemv_triton(codes, w, w_scale, a_scale, None, torch.bfloat16) for w in w8]):.1f} µs",
+          flush=True)
+    return {"K": k, "N": n, "M": m, "us": times, "best": best}
 
 
 def _quant_then_gemm(x: torch.Tensor, block: int, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -111,18 +141,25 @@ def main() -> None:
     parser.add_argument("--ms", type=int, nargs="*", default=MS)
     parser.add_argument("--no-eager", action="store_true", help="skip the do_bench (eager) timings")
     parser.add_argument("--autotune", action="store_true", help="search all configs per shape; record the winners")
+    parser.add_argument("--sweep-gemv", action="store_true", help="time every GEMV tile at each shape and M ≤ 16 "
+                        "of --ms instead of the comparison table")
     args = parser.parse_args()
     rows = []
     t0 = time.time()
+    if args.sweep_gemv:
+        sweep = [sweep_gemv(k, n, m) for k, n in SHAPES for m in args.ms if m <= 16]
+        with open(args.json, "w") as f:
+            json.dump({"env": env_info(), "date": time.strftime("%Y-%m-%d"), "gemv_sweep": sweep}, f, indent=1)
+        print(f"wrote {args.json} ({time.time() - t0:.0f} s)")
+        return
     print(f"{'K×N':>11} {'M':>5} | {'bf16 µs':>8} | " + " | ".join(
-        f"{v:>11}" for v in ("ours", "ours+quant", "ours_tiled", "ours_tma", "_int_mm", "fp8_rowwise")) + "  (speed-up vs bf16, CUDA graph)")
+        f"{v:>11}" for v in COLUMNS) + "  (speed-up vs bf16, CUDA graph)")
     for k, n in SHAPES:
         for m in args.ms:
             row = bench_shape(k, n, m, eager=not args.no_eager)
             rows.append(row)
             sp = row["speedup_vs_bf16"]
-            cells = " | ".join(f"{sp[v]:>10.2f}x" if v in sp else f"{'-':>11}" for v in
-                               ("ours", "ours+quant", "ours_tiled", "ours_tma", "_int_mm", "fp8_rowwise"))
+            cells = " | ".join(f"{sp[v]:>10.2f}x" if v in sp else f"{'-':>11}" for v in COLUMNS)
             print(f"{k:>5}×{n:<5} {m:>5} | {row['graph_us']['bf16']:>8.1f} | {cells}  ({row['ours_tops']:.0f} TOPS)",
                   flush=True)
     quant_rows = bench_act_quant(args.ms)

@@ -146,10 +146,7 @@ def _norm_quant_kernel(
             y += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_OFFSET:
             y -= tl.load(off_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.floor(y + 0.5)  # round half to even, without libdevice.rint (interpreter)
-        r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
-        r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
-        tl.store(out_ptr + row * stride_om + offs, r.to(tl.int8), mask=mask)
+        tl.store(out_ptr + row * stride_om + offs, _codes(y, QMAX), mask=mask)
 
 
 def _static_quant_kernel(
@@ -163,10 +160,7 @@ def _static_quant_kernel(
     y = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_OFFSET:
         y -= tl.load(off_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.floor(y + 0.5)
-    r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
-    r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
-    tl.store(out_ptr + row * stride_om + offs, r.to(tl.int8), mask=mask)
+    tl.store(out_ptr + row * stride_om + offs, _codes(y, QMAX), mask=mask)
 
 
 def _per_token_quant_kernel(
@@ -186,10 +180,7 @@ def _per_token_quant_kernel(
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
         y = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / step
-        r = tl.floor(y + 0.5)
-        r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
-        r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
-        tl.store(out_ptr + row * stride_om + offs, r.to(tl.int8), mask=mask)
+        tl.store(out_ptr + row * stride_om + offs, _codes(y, QMAX), mask=mask)
     tl.store(step_ptr + row, step)
 
 
@@ -205,20 +196,9 @@ def _hadamard_per_token_quant_kernel(
     up to 9e-4 relative to the exact rotation's)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
-    i1 = tl.arange(0, B1)
-    i2 = tl.arange(0, B2)
-    # Sylvester entries: H[i, j] = (−1)^popcount(i & j).
-    p1 = tl.zeros((B1, B1), dtype=tl.int32)
-    a1 = i1[:, None] & i1[None, :]
-    for b in tl.static_range(LOG_B1):
-        p1 ^= (a1 >> b) & 1
-    h1 = 1.0 - 2.0 * p1.to(tl.float32)
-    p2 = tl.zeros((B2, B2), dtype=tl.int32)
-    a2 = i2[:, None] & i2[None, :]
-    for b in tl.static_range(LOG_B2):
-        p2 ^= (a2 >> b) & 1
-    h2 = 1.0 - 2.0 * p2.to(tl.float32)
-    tile = i1[:, None] * B2 + i2[None, :]
+    h1 = _sylvester(B1, LOG_B1)
+    h2 = _sylvester(B2, LOG_B2)
+    tile = tl.arange(0, B1)[:, None] * B2 + tl.arange(0, B2)[None, :]
     amax = tl.zeros((B1, B2), dtype=tl.float32)
     for k0 in range(0, K, B1 * B2):
         x = tl.load(x_row + k0 + tile).to(tl.float32)
@@ -228,17 +208,72 @@ def _hadamard_per_token_quant_kernel(
     for k0 in range(0, K, B1 * B2):
         x = tl.load(x_row + k0 + tile).to(tl.float32)
         y = tl.dot(h1, tl.dot(x, h2)) * NORM / step
-        r = tl.floor(y + 0.5)
-        r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
-        r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
-        tl.store(out_ptr + row * stride_om + k0 + tile, r.to(tl.int8))
+        tl.store(out_ptr + row * stride_om + k0 + tile, _codes(y, QMAX))
     tl.store(step_ptr + row, step)
+
+
+def _hadamard_blocks_kernel(
+    x_ptr, y_ptr, amax_ptr, stride_xm, stride_ym, stride_am,
+    B1: tl.constexpr, B2: tl.constexpr, LOG_B1: tl.constexpr, LOG_B2: tl.constexpr,
+):
+    """Split path (few rows), stage 1. Program (row, block) rotates one block as the one-program kernel does,
+    stores it (unnormalized, fp32) and its absmax."""
+    row = tl.program_id(0).to(tl.int64)
+    k0 = tl.program_id(1) * (B1 * B2)
+    tile = tl.arange(0, B1)[:, None] * B2 + tl.arange(0, B2)[None, :]
+    x = tl.load(x_ptr + row * stride_xm + k0 + tile).to(tl.float32)
+    y = tl.dot(_sylvester(B1, LOG_B1), tl.dot(x, _sylvester(B2, LOG_B2)))
+    tl.store(y_ptr + row * stride_ym + k0 + tile, y)
+    tl.store(amax_ptr + row * stride_am + tl.program_id(1), tl.max(tl.max(tl.abs(y), axis=1), axis=0))
+
+
+def _quant_blocks_kernel(
+    y_ptr, amax_ptr, out_ptr, step_ptr, NBLOCKS, stride_ym, stride_am, stride_om, QMAX, TINY_STEP, NORM,
+    BLOCK: tl.constexpr, NBLOCKS_P2: tl.constexpr,
+):
+    """Split path, stage 2. Program (row, block): the row's step from its blocks' absmaxes, then the block's
+    codes, with the one-program kernel's arithmetic (the same codes and step)."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    b = tl.arange(0, NBLOCKS_P2)
+    amax = tl.load(amax_ptr + row * stride_am + b, mask=b < NBLOCKS, other=0.0)
+    step = tl.maximum(tl.max(amax, axis=0) * NORM / QMAX, TINY_STEP)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(y_ptr + row * stride_ym + offs) * NORM / step
+    tl.store(out_ptr + row * stride_om + offs, _codes(y, QMAX))
+    if blk == 0:
+        tl.store(step_ptr + row, step)
+
+
+def _codes_impl(y, QMAX):
+    """int8 codes clamp(round(y), ±QMAX), rounding half to even without libdevice.rint (the interpreter)."""
+    r = tl.floor(y + 0.5)
+    r = tl.where(((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+    return tl.minimum(tl.maximum(r, -QMAX), QMAX).to(tl.int8)
+
+
+def _sylvester_impl(B: tl.constexpr, LOG_B: tl.constexpr):
+    """The unnormalized (B, B) Sylvester Hadamard matrix: H[i, j] = (−1)^popcount(i & j), in fp32."""
+    i = tl.arange(0, B)
+    a = i[:, None] & i[None, :]
+    parity = tl.zeros((B, B), dtype=tl.int32)
+    for b in tl.static_range(LOG_B):
+        parity ^= (a >> b) & 1
+    return 1.0 - 2.0 * parity.to(tl.float32)
 
 
 @functools.cache
 def _jit(kernel_name: str, interpret: bool):
     """`triton.jit` applied on first use, so TRITON_INTERPRET set after import still takes effect."""
+    _jit_helpers(interpret)
     return triton.jit(globals()[kernel_name])
+
+
+@functools.cache
+def _jit_helpers(interpret: bool) -> None:
+    """Jit the helpers the kernels call (in the same mode) and bind them to the names the kernels use."""
+    for name in ("_codes", "_sylvester"):
+        globals()[name] = triton.jit(globals()[f"{name}_impl"])
 
 
 def _row_block(k: int) -> int:
@@ -311,19 +346,38 @@ def per_token_quant_triton(
         if factors is None:  # too small for tl.dot tiles: rotate with torch, then quantize in the kernel
             x = block_hadamard(x, hadamard_block)
         else:
-            b1, b2 = factors
-            _jit("_hadamard_per_token_quant_kernel", _interpret_mode())[(m,)](
-                x, out, step, k, x.stride(0), out.stride(0), float(qmax(bits)), TINY,
-                1.0 / math.sqrt(hadamard_block),
-                B1=b1, B2=b2, LOG_B1=int(math.log2(b1)), LOG_B2=int(math.log2(b2)),
-                num_warps=1 if _interpret_mode() else 4,
-            )
+            _hadamard_per_token_quant(x, out, step, bits, hadamard_block, factors)
             return out, step
     block = _row_block(k)
     _jit("_per_token_quant_kernel", _interpret_mode())[(m,)](
         x, out, step, k, x.stride(0), out.stride(0), float(qmax(bits)), TINY, BLOCK_K=block, num_warps=_warps(block),
     )
     return out, step
+
+
+SPLIT_HADAMARD_MAX_M = 64  # up to this many rows the rotation runs one program per (row, block), in two kernels
+
+
+def _hadamard_per_token_quant(x, out, step, bits: int, block: int, factors: tuple[int, int]) -> None:
+    """The rotated per-token quantization into `out` and `step`. Many rows: one program per row, two passes
+    over its blocks. Few rows (decode), where that would leave most SMs idle: one program per (row, block)
+    rotates into an fp32 scratch and records block absmaxes, then a second kernel quantizes each block."""
+    (m, k), (b1, b2) = x.shape, factors
+    rotation = dict(B1=b1, B2=b2, LOG_B1=int(math.log2(b1)), LOG_B2=int(math.log2(b2)))
+    num_warps = 1 if _interpret_mode() else 4
+    scalars = (float(qmax(bits)), TINY, 1.0 / math.sqrt(block))
+    if m > SPLIT_HADAMARD_MAX_M:
+        _jit("_hadamard_per_token_quant_kernel", _interpret_mode())[(m,)](
+            x, out, step, k, x.stride(0), out.stride(0), *scalars, **rotation, num_warps=num_warps)
+        return
+    nblocks = k // block
+    rotated = torch.empty((m, k), dtype=torch.float32, device=x.device)
+    amax = torch.empty((m, nblocks), dtype=torch.float32, device=x.device)
+    _jit("_hadamard_blocks_kernel", _interpret_mode())[(m, nblocks)](
+        x, rotated, amax, x.stride(0), rotated.stride(0), amax.stride(0), **rotation, num_warps=num_warps)
+    _jit("_quant_blocks_kernel", _interpret_mode())[(m, nblocks)](
+        rotated, amax, out, step, nblocks, rotated.stride(0), amax.stride(0), out.stride(0), *scalars,
+        BLOCK=block, NBLOCKS_P2=triton.next_power_of_2(nblocks), num_warps=num_warps)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -336,6 +336,138 @@ def _pretuned_meta(table: dict[int, tuple], m: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# GEMV (decode, a few rows of codes): each program streams BLOCK_N weight rows once as int32 words (four
+# codes each) and meets every word with the matching word of its activation row in one DP4A (four
+# int8 products summed into the int32 accumulator, exact). No tile is padded to 16 rows, and narrow
+# layers (k/v, N = 1024) still get hundreds of programs.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _dp4a_impl(a, b, c, USE_ASM: tl.constexpr):
+    """c + Σ_i a_i · b_i over the four signed bytes of the int32 words a and b (one DP4A on the GPU)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1,
+        )
+    for i in tl.static_range(4):  # byte i, sign-extended: shift it to the top, then arithmetic-shift down
+        c += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+    return c
+
+
+def _int8_gemv_kernel(
+    a_ptr, w_ptr, c_ptr, w_scale_ptr, a_scale_ptr, bias_ptr,
+    M, N, KW,
+    stride_am, stride_wn,  # in int32 words, like KW (= K / 4)
+    stride_cm, stride_cn,
+    stride_ws, stride_as, stride_bias,
+    HAS_A_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # weight rows a program
+    BLOCK_K: tl.constexpr,  # int32 words of K a step
+):
+    """`_int8_matmul_kernel`'s result for one row m of a and BLOCK_N rows of w (program (m, n-block)).
+
+    m is the fastest grid axis, so the programs of one weight block run together and all but the first
+    find it in L2."""
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_wn = (offs_n % N).to(tl.int64)  # rows past N wrap around; their results are masked at the store
+    # a as a (BLOCK_N, BLOCK_K) tile of identical rows: loaded straight into w's register layout (each thread
+    # reads the words its weight words meet, from L1 after the first row), where a (BLOCK_K,) load would be
+    # redistributed through shared memory with two barriers every step.
+    a_ptrs = a_ptr + m.to(tl.int64) * stride_am + (offs_k[None, :] + 0 * offs_n[:, None])
+    w_ptrs = w_ptr + offs_wn[:, None] * stride_wn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    for k0 in range(0, KW, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < KW - k0, other=0)
+            w = tl.load(w_ptrs, mask=offs_k[None, :] < KW - k0, other=0, eviction_policy="evict_first")
+        acc = _dp4a(w, a, acc, USE_ASM)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    # The tiled kernel's epilogue, in the reference's order: (acc · w_scale) · a_scale + bias.
+    mask_n = offs_n < N
+    y = tl.sum(acc, axis=1).to(tl.float32)
+    y = y * tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_A_SCALE:
+        y = y * tl.load(a_scale_ptr + m * stride_as).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(c_ptr + m.to(tl.int64) * stride_cm + offs_n * stride_cn, y.to(c_ptr.dtype.element_ty), mask=mask_n)
+
+
+@functools.cache
+def _jitted_gemv_kernel(interpret: bool):
+    """The GEMV, jitted once per mode with its `_dp4a` helper (`interpret` only keys the cache: see above)."""
+    global _dp4a
+    _dp4a = triton.jit(_dp4a_impl)
+    return triton.heuristics({"EVEN_K": lambda args: args["KW"] % args["BLOCK_K"] == 0})(
+        triton.jit(_int8_gemv_kernel))
+
+
+# Up to this many rows the GEMV serves; from 4 rows the tiled tensor-core kernel is as fast or faster
+# (`bench/gemm_int8.py --sweep-gemv`, H100: 4 rows 8.8-26.4 µs against its 9.3-25.1 µs).
+GEMV_MAX_M = 2
+# The GEMV tile: within 3 % (1 row) and 6 % (2 rows) of the best of 40 tiles at each Llama-3-8B shape, k/v included
+# (`docs/int8_gemv_sweep_h100.json`).
+GEMV_CONFIG = {"BLOCK_N": 2, "BLOCK_K": 512, "num_warps": 4}
+
+
+def gemv_supported(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """The GEMV reads a and w as int32 words: K a multiple of 4, unit K strides, word-aligned rows and starts."""
+    return all(t.stride(1) == 1 and t.stride(0) % 4 == 0 and t.storage_offset() % 4 == 0 for t in (a, w)) \
+        and a.shape[1] % 4 == 0
+
+
+def int8_gemv_triton(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """`int8_matmul_reference` as the DP4A GEMV (see `gemv_supported` for its layout needs); `config`
+    (BLOCK_N, BLOCK_K, num_warps) overrides the pre-tuned one (tests, sweeps)."""
+    _check_inputs(a, w, w_scale, a_scale, bias, out_dtype)
+    if triton is None:
+        raise RuntimeError(f"int8_gemv_triton needs triton, which failed to import: {_TRITON_IMPORT_ERROR!r}")
+    if not a.is_cuda and not _interpret_mode():
+        raise ValueError(f"int8_gemv_triton runs on CUDA tensors (or any under TRITON_INTERPRET=1), got {a.device}")
+    if not gemv_supported(a, w):
+        raise ValueError("int8_gemv_triton reads a and w as int32 words: it needs K % 4 == 0, unit K strides and "
+                         "row strides and offsets that are multiples of 4; use int8_matmul_triton")
+    (m, k), n = a.shape, w.shape[0]
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    a32, w32 = a.view(torch.int32), w.view(torch.int32)
+    a_scale_arg = a_scale if a_scale is not None else w_scale
+    bias_arg = bias if bias is not None else w_scale
+    meta = config or ({"BLOCK_N": 4, "BLOCK_K": 16, "num_warps": 1} if _interpret_mode() else GEMV_CONFIG)
+    kernel = _jitted_gemv_kernel(_interpret_mode())
+    device_ctx = contextlib.nullcontext()
+    if a.is_cuda and a.device.index != torch.cuda.current_device():
+        device_ctx = torch.cuda.device(a.device)
+    with device_ctx:
+        kernel[(m, triton.cdiv(n, meta["BLOCK_N"]))](
+            a32, w32, c, w_scale, a_scale_arg, bias_arg,
+            m, n, k // 4,
+            a32.stride(0), w32.stride(0), c.stride(0), c.stride(1),
+            w_scale.stride(0), a_scale_arg.stride(0), bias_arg.stride(0),
+            HAS_A_SCALE=a_scale is not None, HAS_BIAS=bias is not None, USE_ASM=not _interpret_mode(), **meta,
+        )
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------
 # Persistent TMA kernel (Hopper+, large M): one program per SM walks the output tiles; operands arrive
 # through tensor-memory-accelerator descriptors (out-of-bounds reads are zero-filled, stores clipped).
 # ----------------------------------------------------------------------------------------------------
@@ -480,7 +612,10 @@ TMA_MIN_M = 1024  # from this many tokens the persistent TMA kernel wins; below 
 
 
 def int8_matmul_cuda(a, w, w_scale, a_scale, bias, out_dtype) -> torch.Tensor:
-    """Kernel choice on the GPU: persistent TMA for prefill-sized M, the tiled kernel otherwise."""
+    """Kernel choice on the GPU: the GEMV for up to `GEMV_MAX_M` rows (word-aligned operands), persistent TMA
+    for prefill-sized M, the tiled kernel otherwise."""
+    if a.shape[0] <= GEMV_MAX_M and gemv_supported(a, w):
+        return int8_gemv_triton(a, w, w_scale, a_scale, bias, out_dtype)
     if a.shape[0] >= TMA_MIN_M and tma_supported(a, w, out_dtype):
         return int8_matmul_tma(a, w, w_scale, a_scale, bias, out_dtype)
     return int8_matmul_triton(a, w, w_scale, a_scale, bias, out_dtype)

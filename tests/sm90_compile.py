@@ -93,6 +93,10 @@ def cases():
     for bm, bn, bk, warps in ((16, 64, 512, 4), (128, 256, 128, 8)):
         yield (f"int8 tiled {bm}x{bn}x{bk}", im._jitted_kernel(False), i8_ptrs, (),
                dict(HAS_A_SCALE=True, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps)
+    for block_n, block_k, warps in ((2, 512, 4), (16, 64, 2)):
+        yield (f"int8 GEMV {block_n}x{block_k}", im._jitted_gemv_kernel(False), {**i8_ptrs, "a_ptr": "i32", "w_ptr": "i32"},
+               (), dict(HAS_A_SCALE=True, HAS_BIAS=True, USE_ASM=True, EVEN_K=True, BLOCK_N=block_n, BLOCK_K=block_k),
+               warps)
     yield ("int8 persistent TMA", im._jitted_tma_kernel(False), i8_ptrs, (),
            dict(NUM_SMS=132, HAS_A_SCALE=True, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), 4)
     yield ("norm+quant", aq._jit("_norm_quant_kernel", False),
@@ -105,6 +109,11 @@ def cases():
     yield ("per-token quant + Hadamard", aq._jit("_hadamard_per_token_quant_kernel", False),
            {"x_ptr": "bf16", "out_ptr": "i8", "step_ptr": "fp32"}, ("QMAX", "TINY_STEP", "NORM"),
            dict(B1=32, B2=64, LOG_B1=5, LOG_B2=6), 4)
+    yield ("Hadamard blocks (split path)", aq._jit("_hadamard_blocks_kernel", False),
+           {"x_ptr": "bf16", "y_ptr": "fp32", "amax_ptr": "fp32"}, (), dict(B1=64, B2=32, LOG_B1=6, LOG_B2=5), 4)
+    yield ("quant blocks (split path)", aq._jit("_quant_blocks_kernel", False),
+           {"y_ptr": "fp32", "amax_ptr": "fp32", "out_ptr": "i8", "step_ptr": "fp32"}, ("QMAX", "TINY_STEP", "NORM"),
+           dict(BLOCK=2048, NBLOCKS_P2=8), 4)
 
 
 def main() -> int:

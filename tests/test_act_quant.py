@@ -83,6 +83,21 @@ def test_per_token_quant_matches_reference(block, k):
     assert torch.isfinite(step).all() and step[2].item() == pytest.approx(aq.TINY)
 
 
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("block,k", [(256, 768), (2048, 4096)])
+def test_split_and_one_program_rotation_agree(monkeypatch, m, block, k):
+    # Few rows take the split path (one program per row and block, two kernels); many rows one program per row.
+    # Both rotate each block with the same dots and quantize with the same arithmetic: identical codes and steps.
+    g = torch.Generator().manual_seed(m + k)
+    x = (torch.randn(m, k, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    x[:, 7] *= 40
+    assert m <= aq.SPLIT_HADAMARD_MAX_M
+    split = aq.per_token_quant_triton(x, 8, block)
+    monkeypatch.setattr(aq, "SPLIT_HADAMARD_MAX_M", 0)
+    one_program = aq.per_token_quant_triton(x, 8, block)
+    assert torch.equal(split[0], one_program[0]) and torch.equal(split[1], one_program[1])
+
+
 def test_references_agree_with_the_calibration_math():
     """What calibration assumed (quant_math, rotation) is what the runtime kernels compute."""
     g = torch.Generator().manual_seed(2)

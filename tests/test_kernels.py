@@ -27,7 +27,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton", reason="triton is not installed: the Triton int8 GEMM cannot run here")
 
 from hf_outliertune.kernels.int8_matmul import (  # noqa: E402
+    gemv_supported,
+    int8_gemv_triton,
     int8_matmul,
+    int8_matmul_cuda,
     int8_matmul_reference,
     int8_matmul_triton,
 )
@@ -211,6 +214,86 @@ def test_autotune_configs(monkeypatch):
     assert [mod._bucket(x) for x in (1, 2, 3, 16, 17, 4096)] == [1, 2, 4, 16, 32, 4096]
 
 
+# The DP4A GEMV (decode): K % 4 == 0 (int32 words); KW = K / 4 not a multiple of the interpreter's BLOCK_K = 16
+# words exercises the masked K tail, N not a multiple of BLOCK_N = 4 the wrapped rows.
+GEMV_SHAPES = [(1, 64, 16), (2, 40, 24), (3, 100, 33), (4, 256, 7)]
+GEMV_IDS = [f"M{m}-K{k}-N{n}" for m, k, n in GEMV_SHAPES]
+
+
+@pytest.mark.parametrize("m,k,n", GEMV_SHAPES, ids=GEMV_IDS)
+def test_gemv_int32_accumulation_is_exact(m, k, n):
+    a, w = _codes(m, k, seed=m + 40), _codes(n, k, seed=n + 41)
+    ones = torch.ones(n, device=DEVICE)
+    y = int8_gemv_triton(a, w, ones)
+    assert y.shape == (m, n) and torch.equal(y, (a.double() @ w.double().t()).float())
+
+
+def test_gemv_extreme_codes_are_exact():
+    # Every product is (−128)·(−128) or (−128)·127: the sign extension of each byte inside a word matters.
+    k, n = 256, 8
+    a = torch.full((2, k), -128, dtype=torch.int8, device=DEVICE)
+    a[1, 1::2] = 127
+    w = torch.full((n, k), -128, dtype=torch.int8, device=DEVICE)
+    w[::2, 2::4] = 127
+    ones = torch.ones(n, device=DEVICE)
+    assert torch.equal(int8_gemv_triton(a, w, ones), (a.double() @ w.double().t()).float())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("has_a_scale", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("m,k,n", GEMV_SHAPES, ids=GEMV_IDS)
+def test_gemv_epilogue(m, k, n, has_a_scale, out_dtype):
+    args = _operands(m, k, n, a_scale=has_a_scale, bias=True, bias_dtype=out_dtype, seed=5 * m + n)
+    y = int8_gemv_triton(*args, out_dtype=out_dtype)
+    tol = FP32_TOL if out_dtype == torch.float32 else LOW_TOL[out_dtype]
+    assert y.dtype == out_dtype
+    torch.testing.assert_close(y, int8_matmul_reference(*args, out_dtype=out_dtype), **tol)
+
+
+@pytest.mark.parametrize("block_n,block_k", [(1, 8), (2, 16), (8, 32)])
+def test_gemv_tiles(block_n, block_k):
+    args = _operands(3, 100, 19, a_scale=True, bias=True, seed=block_n)
+    y = int8_gemv_triton(*args, config={"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 1})
+    torch.testing.assert_close(y, int8_matmul_reference(*args), **FP32_TOL)
+
+
+def test_gemv_row_strided_activations():
+    # Every other row of a wider buffer, starting 8 codes in: row stride and offset are whole words.
+    big = _codes(7, 72, seed=50)
+    a = big[::2, 8:72]
+    _, w, w_scale, _, bias = _operands(4, 64, 24, a_scale=False, bias=True, seed=51)
+    assert gemv_supported(a, w) and not a.is_contiguous()
+    y = int8_gemv_triton(a, w, w_scale, None, bias)
+    torch.testing.assert_close(y, int8_matmul_reference(a, w, w_scale, None, bias), **FP32_TOL)
+
+
+@pytest.mark.parametrize("layout", ["k_not_word", "a_col_stride", "a_odd_offset", "w_transposed"])
+def test_gemv_refuses_layouts_it_cannot_read_as_words(layout):
+    a, w, w_scale, _, _ = _operands(2, 64, 16, a_scale=False, bias=False, seed=52)
+    if layout == "k_not_word":
+        a, w = a[:, :62].contiguous(), w[:, :62].contiguous()
+    elif layout == "a_col_stride":
+        a = _codes(2, 128, seed=53)[:, ::2]
+    elif layout == "a_odd_offset":
+        a = _codes(2, 66, seed=54)[:, 1:65]
+    else:
+        w = _codes(64, 16, seed=55).t()
+    assert not gemv_supported(a, w)
+    with pytest.raises(ValueError, match="int32 words.*use int8_matmul_triton"):
+        int8_gemv_triton(a, w, w_scale)
+
+
+def test_device_dispatch_picks_gemv_for_few_word_aligned_rows(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mod, "int8_gemv_triton", lambda *a, **k: calls.append("gemv"))
+    monkeypatch.setattr(mod, "int8_matmul_triton", lambda *a, **k: calls.append("tiled"))
+    _, w, w_scale, _, _ = _operands(1, 64, 16, a_scale=False, bias=False)
+    for m in (1, mod.GEMV_MAX_M, mod.GEMV_MAX_M + 1):
+        int8_matmul_cuda(_codes(m, 64, seed=m), w, w_scale, None, None, torch.float32)
+    int8_matmul_cuda(_codes(64, 2, seed=56).t(), w, w_scale, None, None, torch.float32)  # column-strided a
+    assert calls == ["gemv", "gemv", "tiled", "tiled"]
+
+
 @pytest.mark.skipif(
     not CUDA or INTERPRET,
     reason="needs a CUDA GPU" if not CUDA else "checks the compiled kernel: unset TRITON_INTERPRET",
@@ -221,6 +304,7 @@ def test_gpu_realistic_shape(monkeypatch):
     a, w = _codes(m, k, seed=21), _codes(n, k, seed=22)
     ones = torch.ones(n, device="cuda")
     assert torch.equal(int8_matmul_triton(a, w, ones), int8_matmul_reference(a, w, ones))
+    assert torch.equal(int8_gemv_triton(a[:4], w, ones), int8_matmul_reference(a[:4], w, ones))
     for out_dtype in (torch.float32, torch.bfloat16):
         for a_scale in (False, True):
             args = _operands(m, k, n, a_scale=a_scale, bias=True, bias_dtype=out_dtype, seed=23)
@@ -231,7 +315,7 @@ def test_gpu_realistic_shape(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("int8_matmul dispatched CUDA tensors to the reference")
 
-    for m_small in (1, 7, 33):
+    for m_small in (1, 3, 7, 33):
         args = _operands(m_small, k, n, a_scale=True, bias=True, bias_dtype=torch.bfloat16, seed=m_small)
         expected = int8_matmul_reference(*args, out_dtype=torch.bfloat16)
         with monkeypatch.context() as mp:
