@@ -186,15 +186,16 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def measure(model, decode_only: bool = False) -> dict:
+def measure(model, only: str | None = None) -> dict:
+    """Weight memory, then the prefill and decode rows (`only`: one of the two)."""
     out = {"weight_GiB": weight_bytes(model) / 2**30}
-    for b, s in () if decode_only else ((1, 2048), (8, 512)):
+    for b, s in () if only == "decode" else ((1, 2048), (8, 512)):
         out[f"prefill_{b}x{s}"] = prefill(model, b, s)
         print(f"prefill_{b}x{s}", out[f"prefill_{b}x{s}"], flush=True)
-    if not decode_only:
+    if only != "decode":
         out["prefill_1x2048_graph"] = prefill_graph(model, 1, 2048)
         print("prefill_1x2048_graph", out["prefill_1x2048_graph"], flush=True)
-    for b in (1, 16):
+    for b in () if only == "prefill" else (1, 16):
         out[f"decode_b{b}"] = decode(model, b)
         print(f"decode_b{b}", out[f"decode_b{b}"], flush=True)
     return out
@@ -214,7 +215,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, help="measure one model in this process and write its part "
                         "to JSON.variant; without it every --variants one runs in a subprocess (fresh GPU memory)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["bf16", "w8a8", "w4", "w3"])
-    parser.add_argument("--decode-only", action="store_true", help="measure weight memory and decode only")
+    parser.add_argument("--only", choices=("prefill", "decode"), help="measure weight memory and these rows only")
     args = parser.parse_args()
     t0 = time.time()
     if args.variant:
@@ -225,7 +226,7 @@ def main() -> None:
         elif args.variant in WEIGHT_ONLY:
             to_weight_only(model, *WEIGHT_ONLY[args.variant])
         torch.cuda.empty_cache()
-        result = {"after_build_GiB": torch.cuda.memory_allocated() / 2**30, **measure(model, args.decode_only)}
+        result = {"after_build_GiB": torch.cuda.memory_allocated() / 2**30, **measure(model, args.only)}
         print(args.variant, json.dumps(result, indent=1), flush=True)
         if args.variant != "bf16" and not args.no_save:
             torch._dynamo.reset()
@@ -239,7 +240,7 @@ def main() -> None:
     results = {}
     for variant in variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--json", args.json, "--layers", str(args.layers)]
-        flags = ["--no-save"] * args.no_save + ["--decode-only"] * args.decode_only
+        flags = ["--no-save"] * args.no_save + (["--only", args.only] if args.only else [])
         proc = subprocess.run(cmd + flags)
         if proc.returncode == 0:  # one failing variant must not cost the others' figures
             with open(f"{args.json}.{variant}") as f:

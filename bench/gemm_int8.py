@@ -1,7 +1,9 @@
 """Per-layer W8A8 GEMM speed at Llama-3-8B shapes against bf16 cuBLAS and the peers, in one run (GPU).
 
 Rows per (K×N, M): bf16 `F.linear` (cuBLAS); ours = the int8 GEMM with the fused epilogue (per-token scale,
-per-channel weight scale, bf16 out), the kernel the module dispatches to; ours+quant = the dynamic per-token
+per-channel weight scale, bf16 out), the kernel the module dispatches to (the DP4A GEMV up to 2 rows, tensor-core
+tiles above); ours_static = the same without the per-token scale (the static OutlierTune path of q/k/v/gate/up,
+warp-specialized from M = 1024); ours_gemv = the GEMV forced (M ≤ 16); ours+quant = the dynamic per-token
 quantization kernel (with the in-kernel Hadamard rotation the o/down projections use) plus that GEMM;
 `torch._int_mm` (cuBLASLt int8, K-major weight, int32 out, no epilogue, M > 16 only); fp8 rowwise
 `torch._scaled_mm` (pre-quantized inputs, bf16 out). Timing: CUDA-graph replay over weight copies that defeat
@@ -39,7 +41,7 @@ from hf_outliertune.kernels.int8_matmul import (  # noqa: E402
 )
 from hf_outliertune.rotation import hadamard_block_size  # noqa: E402
 
-COLUMNS = ("ours", "ours+quant", "ours_gemv", "ours_tiled", "ours_tma", "_int_mm", "fp8_rowwise")
+COLUMNS = ("ours", "ours_static", "ours+quant", "ours_gemv", "ours_tiled", "ours_tma", "_int_mm", "fp8_rowwise")
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (K, N): fused qkv, o, gate/up, down, k/v
 MS = [1, 16, 64, 256, 1024, 2048, 8192]
 
@@ -56,6 +58,8 @@ def bench_shape(k: int, n: int, m: int, eager: bool) -> dict:
     variants = {
         "bf16": [lambda w=w: F.linear(x, w) for w in w16],
         "ours": [lambda w=w: int8_matmul_cuda(codes, w, w_scale, a_scale, None, torch.bfloat16) for w in w8],
+        # static activations (OutlierTune's folded q/k/v/gate/up): no per-token scale, warp-specialized TMA from M = 1024
+        "ours_static": [lambda w=w: int8_matmul_cuda(codes, w, w_scale, None, None, torch.bfloat16) for w in w8],
         "ours+quant": [lambda w=w: _quant_then_gemm(x, block, w, w_scale) for w in w8],
         "ours_tiled": [lambda w=w: int8_matmul_triton(codes, w, w_scale, a_scale, None, torch.bfloat16) for w in w8],
     }

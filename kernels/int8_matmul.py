@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 
 import torch
@@ -321,6 +322,10 @@ _TILED_PRETUNED = {
 }
 _TILED_PRETUNED_NARROW = {1: (16, 16, 512, 4, 4)}  # N ≤ 4096 at decode sizes: more programs than SMs
 _TMA_PRETUNED = {1: (128, 128, 128, 4, 4), 1024: (256, 128, 128, 8, 3)}
+# Warp-specialized ones serve static activations (no per-token scales) with 2-byte outputs. 128×256×128 with 4 warps
+# per consumer group was the fastest of 13 tiles at M = 2048 on all four shapes (`docs/int8_tma_warp_specialize_h100.json`,
+# timed with the per-token scale whose placement warp specialization gets wrong); end to end it serves q/k/v/gate/up.
+_TMA_PRETUNED_WS = {1: (128, 128, 128, 4, 4), 1024: (128, 256, 128, 4, 3)}
 
 
 def autotune_enabled() -> bool:
@@ -484,8 +489,14 @@ def _int8_matmul_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """`_int8_matmul_kernel` for contiguous operands, persistent over tiles, with TMA loads and stores."""
+    """`_int8_matmul_kernel` for contiguous operands, persistent over tiles, with TMA loads and stores.
+
+    WARP_SPECIALIZE: triton splits each tile's work between a producer warp group (TMA loads into the
+    shared-memory ring) and consumer warp groups (wgmma and the epilogue), so loads, MMAs and the epilogue
+    of consecutive tiles overlap (Hopper; the interpreter ignores it). Only without per-token scales: with
+    HAS_A_SCALE, triton 3.6 puts the row scales on the wrong rows under warp specialization (H100, 2026-11-25)."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
@@ -493,7 +504,8 @@ def _int8_matmul_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_pid_in_group = GROUP_M * num_pid_n
-    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=not WARP_SPECIALIZE,
+                            warp_specialize=WARP_SPECIALIZE):
         group_id = tile_id // num_pid_in_group
         group_size_m = min(num_pid_m - group_id * GROUP_M, GROUP_M)
         pid_m = group_id * GROUP_M + (tile_id % group_size_m)
@@ -517,14 +529,25 @@ def _int8_matmul_tma_kernel(
 
 def _tma_configs() -> list:
     if _interpret_mode():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "WARP_SPECIALIZE": False},
+                              num_warps=1, num_stages=1)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (128, 256, 128, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
-            (256, 128, 128, 8, 3), (64, 256, 128, 4, 4), (128, 128, 64, 8, 5),
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws},
+                      num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s, ws in (
+            (128, 256, 128, 4, 3, True), (128, 128, 256, 4, 3, True), (128, 128, 128, 4, 4, True),
+            (128, 256, 128, 8, 3, False), (128, 256, 64, 8, 4, False), (128, 128, 128, 8, 4, False),
+            (128, 128, 128, 4, 4, False), (256, 128, 128, 8, 3, False), (64, 256, 128, 4, 4, False),
         )
     ]
+
+
+def _prune_tma_configs(configs, named_args, **kwargs):
+    """`_prune_configs`, and no warp-specialized tiles with per-token scales (see the kernel's docstring)."""
+    args = {**named_args, **kwargs}
+    if args["HAS_A_SCALE"]:
+        configs = [c for c in configs if not c.kwargs["WARP_SPECIALIZE"]]
+    return _prune_configs(configs, named_args, **kwargs)
 
 
 @functools.cache
@@ -532,18 +555,25 @@ def _jitted_tma_kernel(interpret: bool):
     return triton.autotune(
         configs=_tma_configs(),
         key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_A_SCALE", "HAS_BIAS"],
-        prune_configs_by={"early_config_prune": _prune_configs},
+        prune_configs_by={"early_config_prune": _prune_tma_configs},
     )(triton.jit(_int8_matmul_tma_kernel))
 
 
 def tma_supported(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """TMA needs contiguous operands with 16-byte aligned rows and a Hopper-class GPU (or the interpreter)."""
-    if triton is None or not hasattr(tl, "make_tensor_descriptor"):
+    """TMA needs contiguous operands with 16-byte aligned rows, a Hopper-class GPU (or the interpreter) and a triton
+    with device-side tensor descriptors and warp-specialized loops (3.4+)."""
+    if triton is None or not hasattr(tl, "make_tensor_descriptor") or not _range_warp_specializes():
         return False
     if a.is_cuda and _device_info(a.device)[0] < 9:
         return False
     out_bytes = out_dtype.itemsize
     return a.is_contiguous() and w.is_contiguous() and a.shape[1] % 16 == 0 and (w.shape[0] * out_bytes) % 16 == 0
+
+
+@functools.cache
+def _range_warp_specializes() -> bool:
+    """Whether this triton's `tl.range` takes `warp_specialize` (the TMA kernel passes it)."""
+    return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
 
 
 @functools.lru_cache(maxsize=None)
@@ -598,7 +628,9 @@ def int8_matmul_tma(
         kernel[grid](*args, **flags)
         _TUNED_META[("tma", *args[-3:], *flags.values(), out_dtype)] = kernel.best_config.all_kwargs()
     else:
-        meta = _pretuned_meta(_TMA_PRETUNED, m)
+        warp_specialize = a_scale is None and out_dtype.itemsize == 2 and not _interpret_mode()
+        meta = {**_pretuned_meta(_TMA_PRETUNED_WS if warp_specialize else _TMA_PRETUNED, m),
+                "WARP_SPECIALIZE": warp_specialize}
         kernel.fn[grid(meta)](*args, **flags, **meta)
     return c
 

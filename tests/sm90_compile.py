@@ -97,8 +97,10 @@ def cases():
         yield (f"int8 GEMV {block_n}x{block_k}", im._jitted_gemv_kernel(False), {**i8_ptrs, "a_ptr": "i32", "w_ptr": "i32"},
                (), dict(HAS_A_SCALE=True, HAS_BIAS=True, USE_ASM=True, EVEN_K=True, BLOCK_N=block_n, BLOCK_K=block_k),
                warps)
-    yield ("int8 persistent TMA", im._jitted_tma_kernel(False), i8_ptrs, (),
-           dict(NUM_SMS=132, HAS_A_SCALE=True, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), 4)
+    for ws in (False, True):
+        yield (f"int8 persistent TMA{' warp-specialized' if ws else ''}", im._jitted_tma_kernel(False), i8_ptrs, (),
+               dict(NUM_SMS=132, HAS_A_SCALE=True, HAS_BIAS=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8,
+                    WARP_SPECIALIZE=ws), 4)
     yield ("norm+quant", aq._jit("_norm_quant_kernel", False),
            {"x_ptr": "bf16", "w_ptr": "bf16", "b_ptr": "bf16", "off_ptr": "fp32", "out_ptr": "i8"},
            ("eps", "w_offset", "QMAX"), dict(IS_LAYERNORM=False, HAS_BIAS=False, HAS_OFFSET=True, BLOCK_K=4096), 8)

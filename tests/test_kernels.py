@@ -331,12 +331,13 @@ def test_gpu_realistic_shape(monkeypatch):
 TMA_SHAPES = [(1, 32, 16), (37, 96, 48), (64, 128, 40), (300, 64, 24)]  # K % 16 == 0, N·2 bytes % 16 == 0
 
 
+@pytest.mark.parametrize("has_a_scale", [False, True], ids=["static", "dynamic"])  # static + bf16: warp-specialized
 @pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("m,k,n", TMA_SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in TMA_SHAPES])
-def test_tma_kernel_matches_reference(m, k, n, has_bias):
+def test_tma_kernel_matches_reference(m, k, n, has_bias, has_a_scale):
     if CUDA and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors need sm90+")
-    args = _operands(m, k, n, a_scale=True, bias=has_bias, seed=5 * m + n)
+    args = _operands(m, k, n, a_scale=has_a_scale, bias=has_bias, seed=5 * m + n)
     y = mod.int8_matmul_tma(*args, out_dtype=torch.float32)
     torch.testing.assert_close(y, int8_matmul_reference(*args, out_dtype=torch.float32), **FP32_TOL)
     y16 = mod.int8_matmul_tma(*args, out_dtype=torch.bfloat16)
@@ -348,6 +349,13 @@ def test_tma_refuses_unaligned_operands():
     assert not mod.tma_supported(a, w, torch.float32)
     with pytest.raises(ValueError, match="int8_matmul_tma needs"):
         mod.int8_matmul_tma(a, w, w_scale)
+
+
+def test_tma_needs_a_triton_with_warp_specialized_loops(monkeypatch):
+    a, w, _, _, _ = _operands(4, 64, 24, a_scale=False, bias=False)
+    assert mod.tma_supported(a, w, torch.float32)
+    monkeypatch.setattr(mod, "_range_warp_specializes", lambda: False)  # an older triton: the tiled kernel serves
+    assert not mod.tma_supported(a, w, torch.float32)
 
 
 @pytest.mark.parametrize("table", ["_TILED_PRETUNED", "_TILED_PRETUNED_NARROW", "_TMA_PRETUNED"])
