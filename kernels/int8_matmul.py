@@ -248,6 +248,14 @@ def _check_inputs(a, w, w_scale, a_scale, bias, out_dtype) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+def _check_launchable(name: str, a: torch.Tensor) -> None:
+    """A Triton entry point needs triton, and CUDA tensors unless the interpreter runs it."""
+    if triton is None:
+        raise RuntimeError(f"{name} needs triton, which failed to import: {_TRITON_IMPORT_ERROR!r}")
+    if not a.is_cuda and not _interpret_mode():
+        raise ValueError(f"{name} runs on CUDA tensors (or any under TRITON_INTERPRET=1), got {a.device}")
+
+
 def _describe(t) -> str:
     if isinstance(t, torch.Tensor):
         return f"{t.dtype} tensor of shape {tuple(t.shape)}"
@@ -267,10 +275,7 @@ def int8_matmul_triton(
     Any strides are accepted (no copies are made); scales and bias may be any float dtype.
     """
     _check_inputs(a, w, w_scale, a_scale, bias, out_dtype)
-    if triton is None:
-        raise RuntimeError(f"int8_matmul_triton needs triton, which failed to import: {_TRITON_IMPORT_ERROR!r}")
-    if not a.is_cuda and not _interpret_mode():
-        raise ValueError(f"int8_matmul_triton runs on CUDA tensors (or any under TRITON_INTERPRET=1), got {a.device}")
+    _check_launchable("int8_matmul_triton", a)
     (m, k), n = a.shape, w.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
@@ -442,10 +447,7 @@ def int8_gemv_triton(
     """`int8_matmul_reference` as the DP4A GEMV (see `gemv_supported` for its layout needs); `config`
     (BLOCK_N, BLOCK_K, num_warps) overrides the pre-tuned one (tests, sweeps)."""
     _check_inputs(a, w, w_scale, a_scale, bias, out_dtype)
-    if triton is None:
-        raise RuntimeError(f"int8_gemv_triton needs triton, which failed to import: {_TRITON_IMPORT_ERROR!r}")
-    if not a.is_cuda and not _interpret_mode():
-        raise ValueError(f"int8_gemv_triton runs on CUDA tensors (or any under TRITON_INTERPRET=1), got {a.device}")
+    _check_launchable("int8_gemv_triton", a)
     if not gemv_supported(a, w):
         raise ValueError("int8_gemv_triton reads a and w as int32 words: it needs K % 4 == 0, unit K strides and "
                          "row strides and offsets that are multiples of 4; use int8_matmul_triton")
