@@ -9,7 +9,8 @@ Three entry points, each with its pure-PyTorch reference (the specification and 
 - `static_quant`: `clamp(round(x − offset))` for a static input whose norm could not be fused.
 - `per_token_quant`: dynamic per-token absmax quantization, optionally after a block-Hadamard
   rotation of each row (x · blockdiag(H_B, …)). The rotation runs in the kernel as two small
-  matmuls, H_B = H_B1 ⊗ H_B2, so it costs O(K·(B1+B2)) per row instead of O(K·B).
+  matmuls, H_B = H_B1 ⊗ H_B2, so it costs O(K·(B1+B2)) per row instead of O(K·B); for a few rows
+  (decode) it is split over (row, block) programs in two kernels, so the blocks run in parallel.
 
 Rounding is round-half-to-even everywhere (as `torch.round`); the kernels emulate it with floor so
 they also run under TRITON_INTERPRET=1, where `libdevice.rint` is unavailable.
