@@ -29,6 +29,8 @@ from hf_outliertune.models import DEFAULT_MODEL_NAME, load_float_model
 _PLAIN = dict(migration_alpha=None, rotate_dynamic=False)
 SETTINGS: dict[str, dict[str, Any]] = {
     "W8A8 OutlierTune": dict(weight_bits=8, act_bits=8),
+    "W8A8 OutlierTune + W8 embeddings/lm_head": dict(weight_bits=8, act_bits=8, embedding_bits=8),
+    "W8A8 OutlierTune + W4 embeddings/lm_head": dict(weight_bits=8, act_bits=8, embedding_bits=4),
     "W8A8 OutlierTune, static o/down_proj inputs": dict(weight_bits=8, act_bits=8, non_norm_activations="static"),
     "W8A8 per-token (no folding)": dict(weight_bits=8, act_bits=8, activation_scheme="per_token", **_PLAIN),
     "W8A8 SmoothQuant a=0.5": dict(weight_bits=8, act_bits=8, activation_scheme="smoothquant", **_PLAIN),

@@ -6,7 +6,8 @@ Measured in one run on the same model: prefill latency (1×2048 and 8×512 token
 the prefill, weight memory, and the size of the saved checkpoint. The W8A8 model is built the way a calibrated
 one looks at run time (static per-channel inputs with the norm fused into the quantizer for q/k/v/gate/up,
 dynamic per-token inputs with the block-Hadamard rotation for o/down, int8 weights with per-channel scales);
-its weights are the random bf16 weights quantized per channel (speed does not depend on calibration). The
+its weights are the random bf16 weights quantized per channel (speed does not depend on calibration);
+`w8a8_tables` also stores the embedding table and the lm_head as 8-bit weight-only codes (`embedding_bits=8`). The
 weight-only variants (`w4`, `w3`: g128, per-OC or per-IC groups) hold the random weights RTN-quantized into
 `WeightOnlyLinear`s (packed codes, fused low-bit kernels); activations stay bf16.
 
@@ -32,6 +33,7 @@ from timing import env_info  # noqa: E402
 from hf_outliertune import OutlierTuneConfig  # noqa: E402
 from hf_outliertune.adadim import quantize_rtn  # noqa: E402
 from hf_outliertune.architectures import decoder_layers, resolve_arch  # noqa: E402
+from hf_outliertune.embeddings import quantize_embeddings  # noqa: E402
 from hf_outliertune.fusion import fuse_norm_quant  # noqa: E402
 from hf_outliertune.modules import OutlierTuneLinear  # noqa: E402
 from hf_outliertune.quant_math import quantize_weight, weight_scales_absmax  # noqa: E402
@@ -83,9 +85,17 @@ def to_random_w8a8(model: torch.nn.Module) -> OutlierTuneConfig:
     return config
 
 
+@torch.no_grad()
+def with_tables(model: torch.nn.Module, config: OutlierTuneConfig, bits: int = 8) -> OutlierTuneConfig:
+    """Also quantize the embedding table and the lm_head (`embedding_bits`), as the quantize-on-load path does."""
+    config.module_formats.update(quantize_embeddings(model, bits))
+    config.embedding_bits = bits
+    return config
+
+
 # weight-only variants: (bits, group size, group layout)
 WEIGHT_ONLY = {"w4": (4, 128, "oc"), "w3": (3, 128, "oc"), "w4ic": (4, 128, "ic"), "w3ic": (3, 128, "ic")}
-VARIANTS = ("bf16", "w8a8", *WEIGHT_ONLY)
+VARIANTS = ("bf16", "w8a8", "w8a8_tables", *WEIGHT_ONLY)
 
 
 @torch.no_grad()
@@ -151,9 +161,15 @@ def prefill_graph(model, batch: int, seq: int) -> dict:
 
 @torch.no_grad()
 def decode(model, batch: int, prompt: int = 128, steps: int = 32) -> dict:
-    """Tokens/s of single-token decode steps with a static KV cache, the forward compiled with
-    `torch.compile(mode="reduce-overhead")` (Inductor + CUDA graphs), as `generate` does with a static cache."""
-    cache = StaticCache(config=model.config, max_cache_len=prompt + 3 * steps + 16)
+    """Single-token decode steps with a static KV cache, measured two ways.
+
+    `ms_per_step`: the forward compiled with `torch.compile(mode="reduce-overhead")` (Inductor + CUDA graphs), as
+    `generate` does with a static cache, driven from Python step by step; `host_ms_per_step` is the host's time to
+    issue a step, and where it reaches the GPU time the figure is host-bound (and varies with the host).
+    `graph_ms_per_step`: one whole step (compiled forward, argmax, position update) captured in a CUDA graph and
+    replayed, the GPU's time alone, as a serving engine runs it.
+    """
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 6 * steps + 16)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"), logits_to_keep=1)
     forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
@@ -174,12 +190,56 @@ def decode(model, batch: int, prompt: int = 128, steps: int = 32) -> dict:
     t_compile = time.time() - t_compile
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
+    t_host = time.perf_counter()
     run(steps)
+    t_host = time.perf_counter() - t_host
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
     torch._dynamo.reset()
-    return {"ms_per_step": ms, "tokens_per_s": batch / ms * 1000, "compile_s": t_compile}
+    out = {"ms_per_step": ms, "tokens_per_s": batch / ms * 1000, "host_ms_per_step": t_host * 1000 / steps,
+           "compile_s": t_compile}
+    try:
+        out.update(decode_graph(model, cache, next_ids, position, steps))
+    except Exception as err:  # e.g. a model whose step cannot be captured: keep the other figures
+        out["graph_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return out
+
+
+@torch.no_grad()
+def decode_graph(model, cache, next_ids: torch.Tensor, position: int, steps: int) -> dict:
+    """GPU time of a decode step: compiled forward (no CUDA graphs of its own), argmax and the position update
+    captured together in one CUDA graph and replayed `steps` times."""
+    forward = torch.compile(model.forward, fullgraph=True)
+    ids = next_ids.clone()
+    pos = torch.tensor([position], device="cuda")
+
+    def step() -> None:
+        logits = forward(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        ids.copy_(logits[:, -1:].argmax(-1))
+        pos.add_(1)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile and warm up outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    del graph
+    torch._dynamo.reset()
+    return {"graph_ms_per_step": ms, "graph_tokens_per_s": ids.shape[0] / ms * 1000}
 
 
 def weight_bytes(model) -> int:
@@ -223,6 +283,8 @@ def main() -> None:
         model = build_bf16(args.layers)
         if args.variant == "w8a8":
             to_random_w8a8(model)
+        elif args.variant == "w8a8_tables":
+            with_tables(model, to_random_w8a8(model))
         elif args.variant in WEIGHT_ONLY:
             to_weight_only(model, *WEIGHT_ONLY[args.variant])
         torch.cuda.empty_cache()
@@ -263,18 +325,24 @@ def _ratios(b: dict, q: dict) -> dict:
         "weight_memory": b["weight_GiB"] / q["weight_GiB"],
         **{k: b[k]["ms"] / q[k]["ms"] for k in b if k.startswith("prefill")},
         **{k: q[k]["tokens_per_s"] / b[k]["tokens_per_s"] for k in b if k.startswith("decode")},
+        **{f"{k}_graph": q[k]["graph_tokens_per_s"] / b[k]["graph_tokens_per_s"] for k in b
+           if k.startswith("decode") and "graph_tokens_per_s" in b[k] and "graph_tokens_per_s" in q[k]},
     }
 
 
 def _print_table(b: dict, results: dict, ratios: dict) -> None:
     names = [v for v in ratios]
-    print(f"\n{'metric':<22} {'bf16':>10}" + "".join(f" {v:>10} {'ratio':>7}" for v in names))
-    rows = [("weights GiB", "weight_GiB", None)] + [
-        (k + (" ms" if k.startswith("prefill") else " tok/s"), k, "ms" if k.startswith("prefill") else "tokens_per_s")
-        for k in b if k.startswith(("prefill", "decode"))]
-    for label, key, field in rows:
-        ratio_key = "weight_memory" if field is None else key
-        line = f"{label:<22} {(b[key] if field is None else b[key][field]):>10.1f}"
+    print(f"\n{'metric':<26} {'bf16':>10}" + "".join(f" {v:>10} {'ratio':>7}" for v in names))
+    rows = [("weights GiB", "weight_GiB", None, "weight_memory")]
+    for k in b:
+        if k.startswith("prefill"):
+            rows.append((f"{k} ms", k, "ms", k))
+        elif k.startswith("decode"):
+            rows.append((f"{k} tok/s", k, "tokens_per_s", k))
+            if all(f"{k}_graph" in r for r in ratios.values()):
+                rows.append((f"{k} graph tok/s", k, "graph_tokens_per_s", f"{k}_graph"))
+    for label, key, field, ratio_key in rows:
+        line = f"{label:<26} {(b[key] if field is None else b[key][field]):>10.1f}"
         for v in names:
             q = results[v]
             line += f" {(q[key] if field is None else q[key][field]):>10.1f} {ratios[v][ratio_key]:>6.2f}x"

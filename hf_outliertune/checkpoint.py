@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from .config import MAX_GROUP_SIZE, MIN_GROUP_SIZE, WEIGHT_ONLY_BITS
 from .kernels.packing import group_params_shape, words_per_row
+from .embeddings import EMBEDDING_ACT, TIED_HEAD_ACT
 from .weight_only_linear import WEIGHT_ONLY_ACT
 
 _ST_DTYPES = {"I8": torch.int8, "I32": torch.int32, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -29,13 +30,17 @@ def expected_tensors(
         if fmt.get("act") == "float":
             out[f"{name}.bias"] = ((n_out,), floats)
             continue
-        if fmt.get("act") == WEIGHT_ONLY_ACT:
+        if fmt.get("act") == TIED_HEAD_ACT:  # reads its source embedding's tensors
+            continue
+        if fmt.get("act") in (WEIGHT_ONLY_ACT, EMBEDDING_ACT):
             params = group_params_shape(n_out, n_in, fmt["group_size"], fmt["group_dim"])
             out[f"{name}.qweight"] = ((n_out, words_per_row(fmt["bits"], n_in)), {torch.int32})
             out[f"{name}.weight_scale"] = (params, {torch.float16})
             out[f"{name}.weight_zero"] = (params, {torch.float16})
             if fmt.get("bias"):
                 out[f"{name}.bias"] = ((n_out,), floats)
+            if fmt.get("act") == EMBEDDING_ACT:
+                out[f"{name}.output_scale"] = ((), floats)
             continue
         out[f"{name}.weight"] = ((n_out, n_in), {torch.int8})
         out[f"{name}.weight_scale"] = ((n_out,), {torch.float32})

@@ -22,6 +22,7 @@ from .config import (
     ACT_BITS,
     ACT_CLIPS,
     ACTIVATION_SCHEMES,
+    EMBEDDING_BITS,
     GROUP_DIMS,
     NON_NORM_ACTIVATIONS,
     WEIGHT_ALGORITHMS,
@@ -123,6 +124,9 @@ def _add_quantize_parser(subparsers: Any) -> None:
     p.add_argument("--refit-rounds", type=int, metavar="R",
                    help="weight-only: rounds of least-squares refit of the group scales and zeros to the codes "
                         "(default: 2; 0 for rtn with a fixed --group-dim and minmax clip, which stays data-free)")
+    p.add_argument("--embedding-bits", type=int, choices=list(EMBEDDING_BITS),
+                   help="also store the token embeddings and the lm_head as weight-only codes of this many bits "
+                        "(default: keep them in floating point)")
     p.add_argument("--no-act-order", action="store_true",
                    help="weight-only GPTQ: visit input channels in order instead of by decreasing Hessian diagonal")
     p.add_argument("--no-symmetrize", action="store_true",
@@ -226,6 +230,7 @@ def build_config(args: argparse.Namespace, texts: list[str]) -> OutlierTuneConfi
         weight_clip=args.weight_clip,
         refit_rounds=args.refit_rounds,
         act_order=not args.no_act_order,
+        embedding_bits=args.embedding_bits,
         dataset=texts,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
@@ -242,7 +247,7 @@ def describe_setting(config: Any) -> str:
         details = [config.weight_algorithm, f"{config.weight_clip} clip"] + (
             [f"refit x{config.refit_rounds}"] if config.refit_rounds else []
         ) + (["no act-order"] if not config.act_order else [])
-        return f"W{config.weight_bits} g{config.group_size} {config.group_dim} ({', '.join(details)})"
+        return f"W{config.weight_bits} g{config.group_size} {config.group_dim} ({', '.join(details)}){_tables(config)}"
     details = [config.weight_algorithm]
     if config.uses_static_activations:
         details += [f"{config.act_clip} clip"] + (["sym"] if config.symmetrize else [])
@@ -252,7 +257,11 @@ def describe_setting(config: Any) -> str:
         details += (["rot"] if config.rotate_dynamic else []) + (
             [f"mig {config.migration_alpha}"] if config.migration_alpha is not None else []
         )
-    return f"W{config.weight_bits}A{config.act_bits} {config.activation_scheme} ({', '.join(details)})"
+    return f"W{config.weight_bits}A{config.act_bits} {config.activation_scheme} ({', '.join(details)}){_tables(config)}"
+
+
+def _tables(config: OutlierTuneConfig) -> str:
+    return f", W{config.embedding_bits} embeddings + lm_head" if config.embedding_bits else ""
 
 
 def model_label(source: str | None) -> str:

@@ -10,7 +10,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "hf_outliertune"
 # 1: W8A8/W6A6 (int8 weights). 2: adds the weight-only layout (packed low-bit codes, fp16 scales/zeros).
-FORMAT_VERSION = 2
+# 3: adds quantized token embeddings and lm_heads (`embedding_bits`).
+FORMAT_VERSION = 3
 
 WEIGHT_BITS = (8, 6)  # with activation quantization (act_bits set)
 ACT_BITS = (8, 6)
@@ -28,6 +29,7 @@ DEFAULT_REFIT_ROUNDS = 2  # weight-only, with calibration data: refit, re-choose
 GPTQ_DAMP_DEFAULTS = {"weight_only": 0.01, "weight_and_activation": 0.1}
 ACT_CLIPS = ("max", "mse")
 NON_NORM_ACTIVATIONS = ("per_token", "static")
+EMBEDDING_BITS = (8, 4)  # weight-only grids for the token embeddings and the lm_head
 
 # Keys that describe the calibration run but are not JSON-safe (a tokenizer object, a list of texts).
 _RUNTIME_ONLY_KEYS = ("dataset", "tokenizer")
@@ -117,8 +119,13 @@ class OutlierTuneConfig(QuantizationConfigMixin):
             for its calibration and moves back quantized, and the activations between blocks wait on CPU and
             reach the device `calibration_batch_size` sequences at a time (docs/memory.md). Used when
             quantizing only; a pre-quantized checkpoint loads where `device_map` says.
-        modules_to_not_convert: module names (or name suffixes) kept in floating point; the lm_head
-            and tied output embeddings are always kept.
+        embedding_bits: ``None`` (default) keeps the token embeddings and the lm_head in floating point; 8 or 4
+            stores both as weight-only grouped codes (groups of 128 hidden channels, fp16 scale and zero point,
+            round to nearest), in either mode. The lm_head then runs through the fused low-bit kernel on float
+            activations; a tied pair keeps one table. For large vocabularies this is most of what the linears
+            leave in floating point (Llama-3-8B: 2 GiB of bf16 tables).
+        modules_to_not_convert: module names (or name suffixes) kept in floating point. The lm_head and the
+            embeddings are kept unless `embedding_bits` is set.
         module_formats: filled in after quantization: per quantized module, how its input is quantized.
             Lets a saved checkpoint be rebuilt without calibration data.
     """
@@ -148,6 +155,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         seq_len: int = 512,
         calibration_batch_size: int = 8,
         seed: int = 0,
+        embedding_bits: int | None = None,
         modules_to_not_convert: list[str] | None = None,
         module_formats: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -179,6 +187,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         self.seq_len = seq_len
         self.calibration_batch_size = calibration_batch_size
         self.seed = seed
+        self.embedding_bits = embedding_bits
         self.modules_to_not_convert = modules_to_not_convert
         self.module_formats = module_formats
         self.format_version = format_version
@@ -193,6 +202,7 @@ class OutlierTuneConfig(QuantizationConfigMixin):
         """Validate every field; raise `ValueError` naming the field and the allowed values."""
         _check_choice("act_bits", self.act_bits, (*ACT_BITS, None))
         _check_choice("act_order", self.act_order, (True, False))
+        _check_choice("embedding_bits", self.embedding_bits, (*EMBEDDING_BITS, None))
         if self.weight_only:
             self._check_weight_only()
         else:

@@ -169,6 +169,10 @@ _FIXES = {
         "in_features is not a multiple of group_size, so the last group of each row is smaller; compressed-tensors "
         "needs equal groups. Re-quantize with a group_size that divides in_features"
     ),
+    "tables": (
+        "These are quantized token embeddings / lm_heads (OutlierTuneConfig(embedding_bits=...)); this exporter "
+        "writes quantized linears of the decoder blocks only. Re-quantize with embedding_bits=None (the default)"
+    ),
     "module": (
         "These quantized linears are wrapped or replaced (e.g. by PEFT LoRA layers); export the model without "
         "adapters (merge them into a float model and quantize that, or drop them)"
@@ -198,7 +202,10 @@ def _plan(model: nn.Module) -> tuple[OutlierTuneConfig, list[_Layer]]:
     qc = quantization_config_of(model)
     problems: dict[str, list[str]] = {k: [] for k in _FIXES}
     layers: list[_Layer] = []
-    for name in qc.module_formats:
+    for name, fmt in qc.module_formats.items():
+        if "table" in fmt:
+            problems["tables"].append(name)
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -393,8 +400,8 @@ def _check_against_reference(state: dict[str, torch.Tensor], expected: dict, mod
 def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
     """The compressed-tensors state dict of `model` and its `QuantizationConfig`, checked against the keys,
     shapes and integer dtypes compressed-tensors creates for the plain architecture."""
+    _, layers = _plan(model)  # first: what cannot be exported is reported without compressed-tensors installed
     _ct()
-    _, layers = _plan(model)
     qconfig, scheme_of = _build_config(model, layers)
     quantized = {lay.name for lay in layers}
     state = {k: v.detach().cpu() for k, v in _unique_state(model).items() if k.rpartition(".")[0] not in quantized}
@@ -425,7 +432,6 @@ def export_compressed_tensors(
     hf_outliertune. Raises `ExportError` (a `ValueError`) naming the layers when the model uses something the
     format cannot express (see docs/export.md); nothing is written then. Returns `save_directory`.
     """
-    from compressed_tensors.compressors import ModelCompressor
     from huggingface_hub import save_torch_state_dict
 
     save_directory = os.fspath(save_directory)
@@ -436,6 +442,8 @@ def export_compressed_tensors(
         raise ValueError(f"{save_directory} holds the hf-outliertune checkpoint being exported; export into another "
                          "directory.")
     state, qconfig = compressed_state_dict(model)
+    from compressed_tensors.compressors import ModelCompressor  # present: compressed_state_dict checked it
+
     os.makedirs(save_directory, exist_ok=True)
     config = _plain_config(model)
     config.save_pretrained(save_directory)

@@ -84,7 +84,9 @@ def _formats(qc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def quantization_rows(qc: dict[str, Any], calibration_source: str | None = None) -> list[tuple[str, str]]:
     """(field, value) rows of the card's quantization table, from the config dict and the calibration source."""
-    formats = _formats(qc)
+    all_formats = _formats(qc)
+    formats = {name: fmt for name, fmt in all_formats.items() if "table" not in fmt}  # the decoder's linears
+    tables = {name: fmt for name, fmt in all_formats.items() if "table" in fmt}
     acts = Counter(fmt.get("act") for fmt in formats.values())
     n_quant = sum(n for act, n in acts.items() if act != "float")
     algorithm = qc.get("weight_algorithm")
@@ -124,7 +126,12 @@ def quantization_rows(qc: dict[str, Any], calibration_source: str | None = None)
             ("Activations", f"{qc['act_bits']}-bit: static per-channel steps on {acts['static']} linears, dynamic "
                             f"per-token on {acts['dynamic']}"),
         ]
-    kept = ["embeddings", "lm_head", "norms"] + list(qc.get("modules_to_not_convert") or [])
+    kept = (["embeddings", "lm_head"] if not tables else []) + ["norms"] + list(qc.get("modules_to_not_convert") or [])
+    if tables:
+        tied = any(fmt.get("act") == "tied_embedding" for fmt in tables.values())
+        rows.append(("Embeddings and lm_head", f"{qc.get('embedding_bits')}-bit weight-only, groups of "
+                     f"{next(iter(tables.values())).get('group_size', 128)} hidden channels per row, fp16 scale and "
+                     f"zero point ({', '.join(tables)}{'; tied: one table' if tied else ''})"))
     rows += [
         ("Quantized linears", str(n_quant)),
         ("Kept in floating point", ", ".join(kept)),

@@ -26,12 +26,15 @@ import torch.nn as nn
 
 from .kernels import int8_matmul, per_token_quant, static_quant
 from .rotation import rotate
+from .storage_dtypes import KeepsStorageDtypes
 
 ACT_MODES = ("static", "dynamic")
 
 
-class OutlierTuneLinear(nn.Module):
+class OutlierTuneLinear(KeepsStorageDtypes):
     """A linear layer with int8 weight codes (int6 values for 6-bit) and integer activations."""
+
+    storage_dtype_buffers = ("weight_scale", "input_offset")  # fp32 whatever the model's dtype
 
     def __init__(
         self,

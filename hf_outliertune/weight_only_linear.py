@@ -15,12 +15,15 @@ import torch.nn as nn
 from .adadim import GroupQuantized
 from .kernels.lowbit_matmul import lowbit_matmul
 from .kernels.packing import dequantize_packed, group_params_shape, pack_codes, words_per_row
+from .storage_dtypes import KeepsStorageDtypes
 
 WEIGHT_ONLY_ACT = "none"  # the `module_formats` "act" of a WeightOnlyLinear: activations are not quantized
 
 
-class WeightOnlyLinear(nn.Module):
+class WeightOnlyLinear(KeepsStorageDtypes):
     """A frozen linear layer whose weight is stored as grouped low-bit codes with fp16 scales and zero points."""
+
+    storage_dtype_buffers = ("weight_scale", "weight_zero")  # fp16 whatever the model's dtype
 
     def __init__(
         self,

@@ -145,7 +145,7 @@ def _prune_configs(configs, named_args, **kwargs):
 # is deliberate: `@triton.jit` decides interpreter vs. compiled mode when it is applied, so applying it
 # lazily lets TRITON_INTERPRET=1 set after this module was imported (tests) still take effect.
 def _int8_matmul_kernel(
-    a_ptr, w_ptr, c_ptr, w_scale_ptr, a_scale_ptr, bias_ptr,
+    a_ptr, w_ptr, c_ptr, w_scale_ptr, a_scale_ptr, bias_ptr, partial_ptr, arrived_ptr,
     M, N, K,
     stride_am, stride_ak,
     stride_wn, stride_wk,
@@ -158,8 +158,13 @@ def _int8_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
-    """c[m, n] = (Σ_k a[m, k]·w[n, k]) · w_scale[n] (· a_scale[m]) (+ bias[n]), int32 accumulation."""
+    """c[m, n] = (Σ_k a[m, k]·w[n, k]) · w_scale[n] (· a_scale[m]) (+ bias[n]), int32 accumulation.
+
+    SPLIT_K > 1 (grid axis 1): each program sums one K range and adds its int32 tile into `partial_ptr` (a zeroed
+    int32 tile per output tile) with atomics; the last of a tile's programs to arrive (`arrived_ptr` counts them)
+    takes the exact sum, zeroes the partial tile and the count again for the next call, and runs the epilogue."""
     # Grouped ("super-grouping") program order, as in the Triton matmul tutorial, for L2 reuse of w tiles.
     pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -181,8 +186,17 @@ def _int8_matmul_kernel(
     a_ptrs = a_ptr + (offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak)
     w_ptrs = w_ptr + (offs_wn[:, None] * stride_wn + offs_k[None, :] * stride_wk)
 
+    k_steps = tl.cdiv(K, BLOCK_K)
+    k_first = 0
+    k_end = k_steps
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(k_steps, SPLIT_K)
+        k_first = tl.program_id(axis=1) * per_split
+        k_end = tl.minimum(k_first + per_split, k_steps)
+        a_ptrs += k_first * BLOCK_K * stride_ak
+        w_ptrs += k_first * BLOCK_K * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, k_end):
         k_mask = offs_k[None, :] < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=k_mask, other=0)
         w = tl.load(w_ptrs, mask=k_mask, other=0)
@@ -190,10 +204,22 @@ def _int8_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue in fp32, in the reference's order: (acc · w_scale) · a_scale + bias. The int32
-    # accumulator never leaves registers.
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if SPLIT_K > 1:
+        tile = pid_m * num_pid_n + pid_n
+        offs_p = tile * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.atomic_add(partial_ptr + offs_p, acc, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums are in before the count says so
+        arrived = tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel")  # 0 .. SPLIT_K - 1
+        # masks built as tensors from the count (a scalar mask trips the interpreter)
+        last = (tl.zeros((BLOCK_M, BLOCK_N), tl.int32) + arrived) == SPLIT_K - 1
+        acc = tl.atomic_xchg(partial_ptr + offs_p, tl.zeros_like(acc), mask=last, sem="acquire")
+        tl.atomic_add(arrived_ptr + tile, -SPLIT_K * (arrived // (SPLIT_K - 1)), sem="relaxed")  # last: back to 0
+        mask_m = mask_m & ((offs_m * 0 + arrived) == SPLIT_K - 1)  # only the last program stores
+
+    # Epilogue in fp32, in the reference's order: (acc · w_scale) · a_scale + bias. The int32
+    # accumulator never reaches the output.
     y = acc.to(tl.float32)
     w_scale = tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=0.0).to(tl.float32)
     y = y * w_scale[None, :]
@@ -269,10 +295,12 @@ def int8_matmul_triton(
     a_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """`int8_matmul_reference` as one fused Triton kernel (CUDA tensors; CPU ones under TRITON_INTERPRET=1).
 
-    Any strides are accepted (no copies are made); scales and bias may be any float dtype.
+    Any strides are accepted (no copies are made); scales and bias may be any float dtype. `config` (BLOCK_M,
+    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, optionally SPLIT_K) overrides the tile (benchmarks, tests).
     """
     _check_inputs(a, w, w_scale, a_scale, bias, out_dtype)
     _check_launchable("int8_matmul_triton", a)
@@ -283,15 +311,15 @@ def int8_matmul_triton(
     # Unused optional operands get w_scale as a never-read placeholder pointer.
     a_scale_arg = a_scale if a_scale is not None else w_scale
     bias_arg = bias if bias is not None else w_scale
-    args = (
-        a, w, c, w_scale, a_scale_arg, bias_arg,
+    args = [
+        a, w, c, w_scale, a_scale_arg, bias_arg, w_scale, w_scale,  # split-K buffers: set below when used
         m, n, k,
         a.stride(0), a.stride(1),
         w.stride(0), w.stride(1),
         c.stride(0), c.stride(1),
         w_scale.stride(0), a_scale_arg.stride(0), bias_arg.stride(0),
         _bucket(m), _bucket(n), _bucket(k),
-    )
+    ]
     flags = {"HAS_A_SCALE": a_scale is not None, "HAS_BIAS": bias is not None}
     interpret = _interpret_mode()
     autotuned = _jitted_kernel(interpret)
@@ -305,15 +333,66 @@ def int8_matmul_triton(
         device_ctx = torch.cuda.device(a.device)  # triton launches on the current device
     with device_ctx:
         if meta is None and autotune_enabled():
-            autotuned[lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **flags)
+            autotuned[lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), 1)](*args, **flags)
             _TUNED_META[tune_key] = autotuned.best_config.all_kwargs()
         else:
-            if meta is None:
-                table = _TILED_PRETUNED_NARROW if (m <= 16 and n <= 4096) else _TILED_PRETUNED
-                meta = _TUNED_META[tune_key] = _pretuned_meta(table, m)
-            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-            autotuned.fn[grid](*args, **flags, **meta)
+            if config is not None:
+                meta = config
+            elif meta is None:
+                meta = _TUNED_META[tune_key] = _tiled_meta(m, n)
+            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            split = meta.get("SPLIT_K", 1)
+            if split > 1:
+                buffers = _split_k_workspace(a.device, tiles * meta["BLOCK_M"] * meta["BLOCK_N"], tiles)
+                if buffers is None:  # capturing a CUDA graph with too small a workspace: no split this call
+                    meta, split = {**meta, "SPLIT_K": 1}, 1
+                else:
+                    args[6:8] = buffers
+            autotuned.fn[(tiles, split)](*args, **flags, **meta)
     return c
+
+
+def _tiled_meta(m: int, n: int) -> dict:
+    """The pre-tuned tiled-kernel config for M (narrow tiles for decode-sized M on narrow layers), split over K
+    where `_TILED_SPLIT_K` says so."""
+    table = _TILED_PRETUNED_NARROW if (m <= 16 and n <= 4096) else _TILED_PRETUNED
+    meta = _pretuned_meta(table, m)
+    for (lo, hi), (bm, bn, bk, warps, stages, split) in _TILED_SPLIT_K.items():
+        if lo <= m <= hi:
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
+                    "num_stages": stages, "SPLIT_K": split}
+    return meta
+
+
+def _stream_key(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_SPLIT_K_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED_WORKSPACES: list[tuple[torch.Tensor, torch.Tensor]] = []  # CUDA graphs may still hold their addresses
+
+
+def _split_k_workspace(device: torch.device, partial_numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Zeroed int32 partial tiles and arrival counts for split-K, one pair per device and stream. Every split-K call
+    leaves them zeroed again (the last program of each tile clears its part), so no memset runs per call. Grown on
+    demand outside CUDA-graph capture (None while capturing with too small a pair); replaced pairs are kept alive."""
+    key = (device, _stream_key(device))
+    have = _SPLIT_K_WORKSPACE.get(key)
+    if have is not None and have[0].numel() >= partial_numel and have[1].numel() >= tiles:
+        return have
+    if _capturing(device):
+        return None
+    if have is not None:
+        _RETIRED_WORKSPACES.append(have)
+    numel = max(partial_numel, have[0].numel() if have else 0)
+    count = max(tiles, have[1].numel() if have else 0)
+    have = (torch.zeros(numel, dtype=torch.int32, device=device), torch.zeros(count, dtype=torch.int32, device=device))
+    _SPLIT_K_WORKSPACE[key] = have
+    return have
 
 
 # Pre-tuned launch configs: the winners of `bench/gemm_int8.py --autotune` on an H100 (Triton 3.6) at the
@@ -326,11 +405,20 @@ _TILED_PRETUNED = {
     1024: (128, 256, 128, 8, 3),
 }
 _TILED_PRETUNED_NARROW = {1: (16, 16, 512, 4, 4)}  # N ≤ 4096 at decode sizes: more programs than SMs
+# Split-K tiles by M range: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K).
+_TILED_SPLIT_K: dict[tuple[int, int], tuple] = {}
 _TMA_PRETUNED = {1: (128, 128, 128, 4, 4), 1024: (256, 128, 128, 8, 3)}
 # Warp-specialized ones serve static activations (no per-token scales) with 2-byte outputs. 128×256×128 with 4 warps
 # per consumer group was the fastest of 13 tiles at M = 2048 on all four shapes (`docs/int8_tma_warp_specialize_h100.json`,
 # timed with the per-token scale whose placement warp specialization gets wrong); end to end it serves q/k/v/gate/up.
 _TMA_PRETUNED_WS = {1: (128, 128, 128, 4, 4), 1024: (128, 256, 128, 4, 3)}
+# Narrow outputs (k/v, N = 1024) leave most SMs idle with those tiles: 64 tiles of 128×256 at M = 2048 on 132 SMs,
+# 0.52-0.95x bf16. Where a tile size leaves half the SMs or more without a tile, the next narrower one serves:
+# at 4096×1024 on an H100, M = 2048 went from 0.77x to 1.16x bf16 (per-token) and 0.94x to 1.36x (static), M = 1024
+# from 0.51-0.62x to 1.0x (`docs/int8_tma_narrow_tiles_h100.json`). The 64-row tile never warp-specializes: triton
+# 3.6 gives wrong results for 64-row warp-specialized tiles even without per-token scales (same sweep).
+_TMA_NARROW = {False: (128, 128, 128, 4, 4), True: (128, 128, 256, 4, 3)}  # keyed by warp specialization
+_TMA_NARROWEST = (64, 128, 128, 4, 4)
 
 
 def autotune_enabled() -> bool:
@@ -631,10 +719,22 @@ def int8_matmul_tma(
         _TUNED_META[("tma", *args[-3:], *flags.values(), out_dtype)] = kernel.best_config.all_kwargs()
     else:
         warp_specialize = a_scale is None and out_dtype.itemsize == 2 and not _interpret_mode()
-        meta = {**_pretuned_meta(_TMA_PRETUNED_WS if warp_specialize else _TMA_PRETUNED, m),
-                "WARP_SPECIALIZE": warp_specialize}
+        meta = _tma_meta(m, n, warp_specialize, num_sms)
         kernel.fn[grid(meta)](*args, **flags, **meta)
     return c
+
+
+def _tma_meta(m: int, n: int, warp_specialize: bool, num_sms: int) -> dict:
+    """The pre-tuned persistent tile for M, narrowed while it would leave half the SMs or more without a tile."""
+    def tiles(meta: dict) -> int:
+        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+
+    meta = _pretuned_meta(_TMA_PRETUNED_WS if warp_specialize else _TMA_PRETUNED, m)
+    if 2 * tiles(meta) <= num_sms:
+        meta = _pretuned_meta({1: _TMA_NARROW[warp_specialize]}, m)
+        if 2 * tiles(meta) <= num_sms:
+            meta, warp_specialize = _pretuned_meta({1: _TMA_NARROWEST}, m), False
+    return {**meta, "WARP_SPECIALIZE": warp_specialize}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -90,9 +90,11 @@ def cases():
                         BLOCK_N=64, BLOCK_K=64), 4)
     i8_ptrs = {"a_ptr": "i8", "w_ptr": "i8", "c_ptr": "bf16", "w_scale_ptr": "fp32", "a_scale_ptr": "fp32",
                "bias_ptr": "bf16"}
-    for bm, bn, bk, warps in ((16, 64, 512, 4), (128, 256, 128, 8)):
-        yield (f"int8 tiled {bm}x{bn}x{bk}", im._jitted_kernel(False), i8_ptrs, (),
-               dict(HAS_A_SCALE=True, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps)
+    tiled_ptrs = {**i8_ptrs, "partial_ptr": "i32", "arrived_ptr": "i32"}
+    for bm, bn, bk, warps, split in ((16, 64, 512, 4, 1), (128, 256, 128, 8, 1), (64, 64, 128, 4, 4)):
+        yield (f"int8 tiled {bm}x{bn}x{bk}" + (f" split-K {split}" if split > 1 else ""), im._jitted_kernel(False),
+               tiled_ptrs, (), dict(HAS_A_SCALE=True, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                                    SPLIT_K=split), warps)
     for block_n, block_k, warps in ((2, 512, 4), (16, 64, 2)):
         yield (f"int8 GEMV {block_n}x{block_k}", im._jitted_gemv_kernel(False), {**i8_ptrs, "a_ptr": "i32", "w_ptr": "i32"},
                (), dict(HAS_A_SCALE=True, HAS_BIAS=True, USE_ASM=True, EVEN_K=True, BLOCK_N=block_n, BLOCK_K=block_k),

@@ -7,7 +7,8 @@
   greedy tokens as eager generation.
 - A saved pre-quantized checkpoint (W8A8 and AdaDim weight-only) loads with `device_map="auto"` onto the GPU,
   without calibration data, and gives the CPU reference logits (the Hub pull path after the download).
-- An AdaDim model on CUDA (fused low-bit kernels) gives the CPU reference logits.
+- An AdaDim model on CUDA (fused low-bit kernels) gives the CPU reference logits; so does a model with quantized
+  embedding tables (`embedding_bits`, tied head through the low-bit kernel).
 """
 
 from __future__ import annotations
@@ -59,13 +60,34 @@ def test_weight_only_cuda_logits_match_reference_path(cpu_weight_only_model, eva
     assert rel_err(ref, got) < 1e-4  # fp32 dequantization in both; only the reduction order differs
 
 
-@pytest.mark.parametrize("which", ["w8a8", "weight_only"])
-def test_generate_static_cache_compiled_matches_eager(which, cpu_model, cpu_weight_only_model, eval_ids):
+@pytest.fixture(scope="module")
+def cpu_tables_model(tiny_dir):
+    """Gemma (tied, scaled embeddings) W8A8 with 8-bit tables: a QuantizedEmbedding and a TiedQuantizedHead."""
+    return AutoModelForCausalLM.from_pretrained(tiny_dir("gemma"), quantization_config=small_config(embedding_bits=8),
+                                                dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def models(cpu_model, cpu_weight_only_model, cpu_tables_model):
+    return {"w8a8": cpu_model, "weight_only": cpu_weight_only_model, "tables": cpu_tables_model}
+
+
+def test_quantized_tables_cuda_logits_match_reference_path(cpu_tables_model, eval_ids):
+    ref = logits_of(cpu_tables_model, eval_ids)
+    gpu = copy.deepcopy(cpu_tables_model).to("cuda")
+    assert gpu.get_output_embeddings().embedding is gpu.get_input_embeddings()
+    assert gpu.get_input_embeddings().qweight.is_cuda
+    got = logits_of(gpu, eval_ids.cuda()).cpu()
+    assert rel_err(ref, got) < 1e-3
+
+
+@pytest.mark.parametrize("which", ["w8a8", "weight_only", "tables"])
+def test_generate_static_cache_compiled_matches_eager(which, models, eval_ids):
     """`generate` compiles the forward itself (static cache on CUDA, `is_compileable` quantizer); its CUDA
     graphs replay the quantized layers' custom ops."""
     from torch._dynamo.utils import counters
 
-    model = copy.deepcopy(cpu_model if which == "w8a8" else cpu_weight_only_model).to("cuda")
+    model = copy.deepcopy(models[which]).to("cuda")
     prompt = eval_ids[:1, :16].cuda()
     kwargs = dict(max_new_tokens=12, do_sample=False, cache_implementation="static")
     eager = model.generate(prompt, disable_compile=True, **kwargs)
@@ -77,10 +99,9 @@ def test_generate_static_cache_compiled_matches_eager(which, cpu_model, cpu_weig
     assert torch.equal(eager, compiled) and torch.equal(eager, compiled_again)
 
 
-@pytest.mark.parametrize("which", ["w8a8", "weight_only"])
-def test_pre_quantized_checkpoint_loads_with_device_map_auto(which, cpu_model, cpu_weight_only_model, eval_ids,
-                                                             tmp_path):
-    model = cpu_model if which == "w8a8" else cpu_weight_only_model
+@pytest.mark.parametrize("which", ["w8a8", "weight_only", "tables"])
+def test_pre_quantized_checkpoint_loads_with_device_map_auto(which, models, eval_ids, tmp_path):
+    model = models[which]
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", dtype=torch.float32)
     assert {p.device.type for p in loaded.parameters()} == {"cuda"}

@@ -119,6 +119,40 @@ def test_non_contiguous_operands(layout):
     torch.testing.assert_close(y, int8_matmul_reference(a, w, w_scale, a_scale, bias), **FP32_TOL)
 
 
+SPLIT_SHAPES = [(5, 200, 24), (33, 96, 40), (16, 512, 16)]  # K not a multiple of the K range; ragged M/N tiles
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("m,k,n", SPLIT_SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in SPLIT_SHAPES])
+def test_split_k_is_exact_and_leaves_its_workspace_zeroed(m, k, n, split):
+    """Split-K sums int32 partial tiles with atomics: the result equals the one-program kernel's bit for bit, and
+    the workspace (partial tiles and arrival counts) is zero again after every call, so the next call needs no
+    memset. Run twice to catch a count or a partial tile left behind."""
+    args = _operands(m, k, n, a_scale=True, bias=True, seed=m * k + split)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 1, "num_stages": 1}
+    whole = int8_matmul_triton(*args, config=cfg)
+    for _ in range(2):
+        y = int8_matmul_triton(*args, config={**cfg, "SPLIT_K": split})
+        assert torch.equal(y, whole)
+        partial, arrived = mod._SPLIT_K_WORKSPACE[(args[0].device, mod._stream_key(args[0].device))]
+        assert not partial.any() and not arrived.any()
+    torch.testing.assert_close(whole, int8_matmul_reference(*args), **FP32_TOL)
+
+
+def test_split_k_workspace_does_not_grow_during_graph_capture(monkeypatch):
+    """While a CUDA graph is being captured no buffer can be allocated: too small a workspace means no split."""
+    args = _operands(5, 64, 24, a_scale=False, bias=False, seed=3)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 1, "num_stages": 1, "SPLIT_K": 2}
+    monkeypatch.setattr(mod, "_SPLIT_K_WORKSPACE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    device = torch.device("cuda") if CUDA else torch.device("cpu")
+    if not CUDA:  # the check is for CUDA devices; emulate one capturing on the CPU interpreter's behalf
+        monkeypatch.setattr(mod, "_capturing", lambda dev: True)
+    assert mod._split_k_workspace(device, 4096, 8) is None
+    y = int8_matmul_triton(*args, config=cfg)  # runs unsplit
+    torch.testing.assert_close(y, int8_matmul_reference(*args), **FP32_TOL)
+
+
 def test_tuned_config_is_reused(monkeypatch):
     # The second call with the same autotune key launches the jitted kernel with the remembered config.
     args = _operands(9, 72, 40, a_scale=True, bias=True, seed=9)
@@ -340,6 +374,30 @@ def test_tma_kernel_matches_reference(m, k, n, has_bias, has_a_scale):
     args = _operands(m, k, n, a_scale=has_a_scale, bias=has_bias, seed=5 * m + n)
     y = mod.int8_matmul_tma(*args, out_dtype=torch.float32)
     torch.testing.assert_close(y, int8_matmul_reference(*args, out_dtype=torch.float32), **FP32_TOL)
+    y16 = mod.int8_matmul_tma(*args, out_dtype=torch.bfloat16)
+    torch.testing.assert_close(y16, int8_matmul_reference(*args, out_dtype=torch.bfloat16), **LOW_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("m,n,static,dynamic", [
+    (2048, 4096, (128, 256, True), (256, 128)), (4096, 1024, (128, 256, True), (256, 128)),
+    (2048, 1024, (128, 128, True), (128, 128)), (1024, 1024, (64, 128, False), (64, 128)),
+])
+def test_tma_tile_narrows_where_sms_would_idle(m, n, static, dynamic):
+    """On 132 SMs: k/v outputs (N = 1024) at M ≤ 2048 get narrower tiles; 64-row tiles never warp-specialize."""
+    meta = mod._tma_meta(m, n, True, 132)
+    assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["WARP_SPECIALIZE"]) == static
+    meta = mod._tma_meta(m, n, False, 132)
+    assert (meta["BLOCK_M"], meta["BLOCK_N"]) == dynamic and not meta["WARP_SPECIALIZE"]
+
+
+@pytest.mark.skipif(not CUDA, reason="real-size tiles: GPU only (too slow for the interpreter)")
+@pytest.mark.parametrize("has_a_scale", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("m,k,n", [(2048, 256, 4096), (2048, 256, 1024), (1024, 256, 1024)])
+def test_tma_kernel_matches_reference_with_every_tile_kind(m, k, n, has_a_scale):
+    """The default, narrow and narrowest persistent tiles (warp-specialized or not) at the sizes that pick them."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA descriptors need sm90+")
+    args = _operands(m, k, n, a_scale=has_a_scale, bias=False, seed=m + n)
     y16 = mod.int8_matmul_tma(*args, out_dtype=torch.bfloat16)
     torch.testing.assert_close(y16, int8_matmul_reference(*args, out_dtype=torch.bfloat16), **LOW_TOL[torch.bfloat16])
 

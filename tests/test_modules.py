@@ -11,7 +11,7 @@ import hf_outliertune
 from hf_outliertune import OutlierTuneLinear
 from hf_outliertune.kernels import int8_matmul, int8_matmul_reference
 
-from conftest import small_config
+from conftest import logits_of, rel_err, small_config
 from tiny_models import tiny_model, tiny_tokenizer
 
 kernel_module = importlib.import_module("hf_outliertune.kernels.int8_matmul")
@@ -229,3 +229,26 @@ def test_int8_matmul_epilogue():
         assert fn(a, w, w_scale, None, None, out_dtype=torch.bfloat16).dtype == torch.bfloat16
     torch.testing.assert_close(int8_matmul(a, w, w_scale).double(), acc * w_scale.double()[None], rtol=1e-6, atol=0)
     assert torch.equal(int8_matmul(a, w, w_scale, a_scale, bias), int8_matmul_reference(a, w, w_scale, a_scale, bias))
+
+
+def test_model_dtype_cast_keeps_the_stored_scales(tiny_dir, eval_ids):
+    """`model.to(torch.bfloat16)` casts biases and activations, not the quantization scales: OutlierTune's fp32
+    steps stay exact fp32 and AdaDim's fp16 group parameters stay fp16 (the kernels refuse bf16 ones)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_outliertune.weight_only_linear import WeightOnlyLinear
+
+    for config in (small_config(), small_config(act_bits=None, weight_bits=4, weight_algorithm="rtn", group_size=32)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), quantization_config=config,
+                                                     dtype=torch.float32)
+        layers = [m for m in model.modules() if isinstance(m, (OutlierTuneLinear, WeightOnlyLinear))]
+        before = {id(m): m.weight_scale.clone() for m in layers}
+        ref = logits_of(model, eval_ids)
+        model.to(torch.bfloat16)
+        for m in layers:
+            assert m.weight_scale.dtype == before[id(m)].dtype and torch.equal(m.weight_scale, before[id(m)])
+            if m.bias is not None:
+                assert m.bias.dtype == torch.bfloat16
+        got = logits_of(model, eval_ids)
+        assert got.dtype == torch.bfloat16
+        assert rel_err(ref, got.float()) < 0.05

@@ -151,7 +151,7 @@ def test_checkpoint_holds_the_documented_tensors(w3_ckpt):
     ckpt = w3_ckpt
     with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
         qc = json.load(f)["quantization_config"]
-    assert qc["format_version"] == FORMAT_VERSION == 2
+    assert qc["format_version"] == FORMAT_VERSION == 3
     assert qc["act_bits"] is None and qc["weight_bits"] == 3 and qc["group_dim"] == "adaptive"
     assert len(qc["module_formats"]) == 14
     with safe_open(os.path.join(ckpt, "model.safetensors"), framework="pt") as f:
