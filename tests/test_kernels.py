@@ -139,6 +139,12 @@ def test_split_k_is_exact_and_leaves_its_workspace_zeroed(m, k, n, split):
     torch.testing.assert_close(whole, int8_matmul_reference(*args), **FP32_TOL)
 
 
+def test_split_k_serves_wide_outputs_at_medium_m():
+    assert mod._tiled_meta(64, 14336).get("SPLIT_K") == 2 and mod._tiled_meta(40, 6144).get("SPLIT_K") == 2
+    for m, n in ((64, 4096), (16, 14336), (65, 14336), (2048, 14336)):
+        assert mod._tiled_meta(m, n).get("SPLIT_K", 1) == 1
+
+
 def test_split_k_workspace_does_not_grow_during_graph_capture(monkeypatch):
     """While a CUDA graph is being captured no buffer can be allocated: too small a workspace means no split."""
     args = _operands(5, 64, 24, a_scale=False, bias=False, seed=3)
