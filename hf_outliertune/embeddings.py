@@ -16,9 +16,9 @@ import torch.nn as nn
 
 from .adadim import GroupQuantized, quantize_rtn
 from .kernels.lowbit_matmul import lowbit_matmul
-from .kernels.packing import dequantize_packed, group_params_shape, pack_codes, words_per_row
+from .kernels.packing import dequantize_packed
 from .storage_dtypes import KeepsStorageDtypes
-from .weight_only_linear import WeightOnlyLinear
+from .weight_only_linear import WeightOnlyLinear, load_packed_weight, register_packed_weight
 
 EMBEDDING_GROUP_SIZE = 128
 EMBEDDING_ACT = "embedding"  # module_formats "act" of a QuantizedEmbedding
@@ -55,13 +55,7 @@ class QuantizedEmbedding(KeepsStorageDtypes):
         self.bits = bits
         self.group_size = group_size
         self.padding_idx = padding_idx
-        self.qweight = nn.Parameter(
-            torch.zeros(num_embeddings, words_per_row(bits, embedding_dim), dtype=torch.int32, device=device),
-            requires_grad=False,
-        )
-        params = group_params_shape(num_embeddings, embedding_dim, group_size, "oc")
-        self.register_buffer("weight_scale", torch.ones(params, dtype=torch.float16, device=device))
-        self.register_buffer("weight_zero", torch.zeros(params, dtype=torch.float16, device=device))
+        register_packed_weight(self, num_embeddings, embedding_dim, bits, group_size, "oc", device)
         self.register_buffer("output_scale", torch.ones((), dtype=dtype, device=device))
 
     @classmethod
@@ -70,10 +64,8 @@ class QuantizedEmbedding(KeepsStorageDtypes):
         """The table storing `quantized` (codes `(vocab, hidden)`, per-OC groups)."""
         vocab, dim = quantized.codes.shape
         table = cls(vocab, dim, quantized.bits, quantized.group_size, padding_idx, dtype, quantized.codes.device)
+        load_packed_weight(table, quantized)
         with torch.no_grad():
-            table.qweight.copy_(pack_codes(quantized.codes, quantized.bits))
-            table.weight_scale.copy_(quantized.scale)
-            table.weight_zero.copy_(quantized.zero)
             table.output_scale.fill_(output_scale)
         return table
 

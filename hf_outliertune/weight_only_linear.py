@@ -20,6 +20,25 @@ from .storage_dtypes import KeepsStorageDtypes
 WEIGHT_ONLY_ACT = "none"  # the `module_formats` "act" of a WeightOnlyLinear: activations are not quantized
 
 
+def register_packed_weight(module: nn.Module, rows: int, cols: int, bits: int, group_size: int, group_dim: str,
+                           device: torch.device | str | None) -> None:
+    """Give `module` the packed storage of a `(rows, cols)` weight: `qweight` (int32 codes), `weight_scale` and
+    `weight_zero` (fp16, in the layout of `group_dim`), as checkpoints hold them."""
+    module.qweight = nn.Parameter(torch.zeros(rows, words_per_row(bits, cols), dtype=torch.int32, device=device),
+                                  requires_grad=False)
+    params = group_params_shape(rows, cols, group_size, group_dim)
+    module.register_buffer("weight_scale", torch.ones(params, dtype=torch.float16, device=device))
+    module.register_buffer("weight_zero", torch.zeros(params, dtype=torch.float16, device=device))
+
+
+@torch.no_grad()
+def load_packed_weight(module: nn.Module, quantized: GroupQuantized) -> None:
+    """Pack `quantized`'s codes into `module.qweight` and copy its group scales and zeros."""
+    module.qweight.copy_(pack_codes(quantized.codes, quantized.bits))
+    module.weight_scale.copy_(quantized.scale)
+    module.weight_zero.copy_(quantized.zero)
+
+
 class WeightOnlyLinear(KeepsStorageDtypes):
     """A frozen linear layer whose weight is stored as grouped low-bit codes with fp16 scales and zero points."""
 
@@ -44,13 +63,7 @@ class WeightOnlyLinear(KeepsStorageDtypes):
         self.bits = bits
         self.group_size = group_size
         self.group_dim = group_dim
-        self.qweight = nn.Parameter(
-            torch.zeros(out_features, words_per_row(bits, in_features), dtype=torch.int32, device=device),
-            requires_grad=False,
-        )
-        params = group_params_shape(out_features, in_features, group_size, group_dim)
-        self.register_buffer("weight_scale", torch.ones(params, dtype=torch.float16, device=device))
-        self.register_buffer("weight_zero", torch.zeros(params, dtype=torch.float16, device=device))
+        register_packed_weight(self, out_features, in_features, bits, group_size, group_dim, device)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -59,11 +72,9 @@ class WeightOnlyLinear(KeepsStorageDtypes):
         n, k = quantized.codes.shape
         layer = cls(k, n, bias is not None, quantized.bits, quantized.group_size, quantized.group_dim, dtype,
                     quantized.codes.device)
-        with torch.no_grad():
-            layer.qweight.copy_(pack_codes(quantized.codes, quantized.bits))
-            layer.weight_scale.copy_(quantized.scale)
-            layer.weight_zero.copy_(quantized.zero)
-            if bias is not None:
+        load_packed_weight(layer, quantized)
+        if bias is not None:
+            with torch.no_grad():
                 layer.bias.copy_(bias)
         return layer
 
