@@ -103,6 +103,16 @@ def test_method_flags_reach_the_config():
     assert cfg.gptq_quantized_inputs is False and cfg.non_norm_activations == "static"
 
 
+def test_embedding_bits_flag_reaches_the_config_and_the_label():
+    from hf_outliertune.cli import build_config, build_parser, describe_setting
+
+    cfg = build_config(build_parser().parse_args(["quantize", "--calib", "x", "--embedding-bits", "8"]), ["text"])
+    assert cfg.embedding_bits == 8 and "W8 embeddings + lm_head" in describe_setting(cfg)
+    assert build_config(build_parser().parse_args(["quantize", "--calib", "x"]), ["text"]).embedding_bits is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--embedding-bits", "3"])
+
+
 def test_bad_migration_alpha_is_an_argparse_error():
     from hf_outliertune.cli import build_parser
 
