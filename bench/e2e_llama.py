@@ -28,7 +28,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import env_info  # noqa: E402
+from timing import env_info, graph_time_us  # noqa: E402
 
 from hf_outliertune import OutlierTuneConfig  # noqa: E402
 from hf_outliertune.adadim import quantize_rtn  # noqa: E402
@@ -200,16 +200,17 @@ def decode(model, batch: int, prompt: int = 128, steps: int = 32) -> dict:
     out = {"ms_per_step": ms, "tokens_per_s": batch / ms * 1000, "host_ms_per_step": t_host * 1000 / steps,
            "compile_s": t_compile}
     try:
-        out.update(decode_graph(model, cache, next_ids, position, steps))
+        out.update(decode_graph(model, cache, next_ids, position))
     except Exception as err:  # e.g. a model whose step cannot be captured: keep the other figures
         out["graph_error"] = f"{type(err).__name__}: {str(err)[:300]}"
     return out
 
 
 @torch.no_grad()
-def decode_graph(model, cache, next_ids: torch.Tensor, position: int, steps: int) -> dict:
+def decode_graph(model, cache, next_ids: torch.Tensor, position: int) -> dict:
     """GPU time of a decode step: compiled forward (no CUDA graphs of its own), argmax and the position update
-    captured together in one CUDA graph and replayed `steps` times."""
+    captured together in a CUDA graph and replayed (`timing.graph_time_us`: warm-up and compilation outside the
+    capture, the median of 10 replays of 3 steps)."""
     forward = torch.compile(model.forward, fullgraph=True)
     ids = next_ids.clone()
     pos = torch.tensor([position], device="cuda")
@@ -219,25 +220,7 @@ def decode_graph(model, cache, next_ids: torch.Tensor, position: int, steps: int
         ids.copy_(logits[:, -1:].argmax(-1))
         pos.add_(1)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compile and warm up outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
-    del graph
+    ms = graph_time_us([step]) / 1000
     torch._dynamo.reset()
     return {"graph_ms_per_step": ms, "graph_tokens_per_s": ids.shape[0] / ms * 1000}
 
