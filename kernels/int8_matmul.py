@@ -411,17 +411,17 @@ _TILED_PRETUNED_NARROW = {1: (16, 16, 512, 4, 4)}  # N ≤ 4096 at decode sizes:
 # (docs/gemm_int8_split_k_h100.json).
 _TILED_SPLIT_K: dict[tuple[int, int, int], tuple] = {(33, 64, 6144): (64, 64, 256, 4, 3, 2)}
 _TMA_PRETUNED = {1: (128, 128, 128, 4, 4), 1024: (256, 128, 128, 8, 3)}
-# Warp-specialized ones serve static activations (no per-token scales) with 2-byte outputs. 128×256×128 with 4 warps
-# per consumer group was the fastest of 13 tiles at M = 2048 on all four shapes (`docs/int8_tma_warp_specialize_h100.json`,
-# timed with the per-token scale whose placement warp specialization gets wrong); end to end it serves q/k/v/gate/up.
+# Warp-specialized tiles serve 2-byte outputs, static and per-token inputs alike. 128×256×128 with 4 warps per
+# consumer group was the fastest of 13 tiles at M = 2048 on all four shapes (`docs/int8_tma_warp_specialize_h100.json`)
+# and of 5 with per-token scales at M = 2048 and 8192 (`docs/int8_tma_ws_dynamic_h100.json`).
 _TMA_PRETUNED_WS = {1: (128, 128, 128, 4, 4), 1024: (128, 256, 128, 4, 3)}
-# Narrow outputs (k/v, N = 1024) leave most SMs idle with those tiles: 64 tiles of 128×256 at M = 2048 on 132 SMs,
-# 0.52-0.95x bf16. Where a tile size leaves half the SMs or more without a tile, the next narrower one serves:
-# at 4096×1024 on an H100, M = 2048 went from 0.77x to 1.16x bf16 (per-token) and 0.94x to 1.36x (static), M = 1024
-# from 0.51-0.62x to 1.0x (`docs/int8_tma_narrow_tiles_h100.json`). The 64-row tile never warp-specializes: triton
-# 3.6 gives wrong results for 64-row warp-specialized tiles even without per-token scales (same sweep).
+# Where a tile leaves the SMs' last round of tiles less than `_TMA_MIN_FILL` full, the next narrower one serves if it
+# fills that round better: k/v (N = 1024) at M = 2048 has 64 tiles of 128×256 for 132 SMs (0.91x bf16 with them,
+# 1.34x with 128×128); 4096×14336 at M = 1024 has 448, 3.4 rounds (1.45x with them, 1.68x with 128×128;
+# `docs/int8_tma_ws_dynamic_h100.json`, per-token scales).
 _TMA_NARROW = {False: (128, 128, 128, 4, 4), True: (128, 128, 256, 4, 3)}  # keyed by warp specialization
 _TMA_NARROWEST = (64, 128, 128, 4, 4)
+_TMA_MIN_FILL = 0.9
 
 
 def autotune_enabled() -> bool:
@@ -571,6 +571,17 @@ def int8_gemv_triton(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _tile_origin_impl(tile_id, num_pid_m, num_pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    """(first row, first column) of output tile `tile_id`, with GROUP_M row tiles sharing their columns."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    group_size_m = min(num_pid_m - group_id * GROUP_M, GROUP_M)
+    pid_m = group_id * GROUP_M + (tile_id % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
 def _int8_matmul_tma_kernel(
     a_ptr, w_ptr, c_ptr, w_scale_ptr, a_scale_ptr, bias_ptr,
     M, N, K,
@@ -588,28 +599,26 @@ def _int8_matmul_tma_kernel(
 
     WARP_SPECIALIZE: triton splits each tile's work between a producer warp group (TMA loads into the
     shared-memory ring) and consumer warp groups (wgmma and the epilogue), so loads, MMAs and the epilogue
-    of consecutive tiles overlap (Hopper; the interpreter ignores it). Only without per-token scales: with
-    HAS_A_SCALE, triton 3.6 puts the row scales on the wrong rows under warp specialization (H100, 2026-11-25)."""
+    of consecutive tiles overlap (Hopper; the interpreter ignores it)."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    num_pid_in_group = GROUP_M * num_pid_n
+    # The epilogue finds its tile from its own counter, not from the loads' tile_id: under warp specialization
+    # the loads run a tile ahead, and an epilogue that shared their offsets took another tile's row scales.
+    epilogue_tile = tl.program_id(0) - NUM_SMS
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=not WARP_SPECIALIZE,
                             warp_specialize=WARP_SPECIALIZE):
-        group_id = tile_id // num_pid_in_group
-        group_size_m = min(num_pid_m - group_id * GROUP_M, GROUP_M)
-        pid_m = group_id * GROUP_M + (tile_id % group_size_m)
-        pid_n = (tile_id % num_pid_in_group) // group_size_m
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+        off_m, off_n = _tile_origin(tile_id, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for ki in range(k_tiles):
             a = a_desc.load([off_m, ki * BLOCK_K])
             w = w_desc.load([off_n, ki * BLOCK_K])
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        epilogue_tile += NUM_SMS
+        off_m, off_n = _tile_origin(epilogue_tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         y = acc.to(tl.float32) * tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -635,20 +644,15 @@ def _tma_configs() -> list:
     ]
 
 
-def _prune_tma_configs(configs, named_args, **kwargs):
-    """`_prune_configs`, and no warp-specialized tiles with per-token scales (see the kernel's docstring)."""
-    args = {**named_args, **kwargs}
-    if args["HAS_A_SCALE"]:
-        configs = [c for c in configs if not c.kwargs["WARP_SPECIALIZE"]]
-    return _prune_configs(configs, named_args, **kwargs)
-
-
 @functools.cache
 def _jitted_tma_kernel(interpret: bool):
+    """The persistent kernel, jitted once per mode with its `_tile_origin` helper."""
+    global _tile_origin
+    _tile_origin = triton.jit(_tile_origin_impl)
     return triton.autotune(
         configs=_tma_configs(),
         key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_A_SCALE", "HAS_BIAS"],
-        prune_configs_by={"early_config_prune": _prune_tma_configs},
+        prune_configs_by={"early_config_prune": _prune_configs},
     )(triton.jit(_int8_matmul_tma_kernel))
 
 
@@ -721,22 +725,23 @@ def int8_matmul_tma(
         kernel[grid](*args, **flags)
         _TUNED_META[("tma", *args[-3:], *flags.values(), out_dtype)] = kernel.best_config.all_kwargs()
     else:
-        warp_specialize = a_scale is None and out_dtype.itemsize == 2 and not _interpret_mode()
+        warp_specialize = out_dtype.itemsize == 2 and not _interpret_mode()
         meta = _tma_meta(m, n, warp_specialize, num_sms)
         kernel.fn[grid(meta)](*args, **flags, **meta)
     return c
 
 
 def _tma_meta(m: int, n: int, warp_specialize: bool, num_sms: int) -> dict:
-    """The pre-tuned persistent tile for M, narrowed while it would leave half the SMs or more without a tile."""
-    def tiles(meta: dict) -> int:
-        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+    """The pre-tuned persistent tile for M, or a narrower one where that fills the SMs' last round of tiles better."""
+    def filled(meta: dict) -> float:
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return tiles / (triton.cdiv(tiles, num_sms) * num_sms)
 
     meta = _pretuned_meta(_TMA_PRETUNED_WS if warp_specialize else _TMA_PRETUNED, m)
-    if 2 * tiles(meta) <= num_sms:
-        meta = _pretuned_meta({1: _TMA_NARROW[warp_specialize]}, m)
-        if 2 * tiles(meta) <= num_sms:
-            meta, warp_specialize = _pretuned_meta({1: _TMA_NARROWEST}, m), False
+    for narrower in (_TMA_NARROW[warp_specialize], _TMA_NARROWEST):
+        candidate = _pretuned_meta({1: narrower}, m)
+        if filled(meta) < _TMA_MIN_FILL and filled(candidate) > filled(meta):
+            meta = candidate
     return {**meta, "WARP_SPECIALIZE": warp_specialize}
 
 

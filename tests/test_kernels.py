@@ -384,16 +384,17 @@ def test_tma_kernel_matches_reference(m, k, n, has_bias, has_a_scale):
     torch.testing.assert_close(y16, int8_matmul_reference(*args, out_dtype=torch.bfloat16), **LOW_TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("m,n,static,dynamic", [
-    (2048, 4096, (128, 256, True), (256, 128)), (4096, 1024, (128, 256, True), (256, 128)),
-    (2048, 1024, (128, 128, True), (128, 128)), (1024, 1024, (64, 128, False), (64, 128)),
+@pytest.mark.parametrize("m,n,ws_tile,plain_tile", [
+    (2048, 4096, (128, 256), (256, 128)), (4096, 1024, (128, 256), (256, 128)),
+    (2048, 1024, (128, 128), (128, 128)), (1024, 1024, (64, 128), (64, 128)),
+    (1024, 14336, (128, 128), (128, 128)), (1024, 6144, (128, 128), (128, 128)), (1024, 4096, (128, 256), (256, 128)),
 ])
-def test_tma_tile_narrows_where_sms_would_idle(m, n, static, dynamic):
-    """On 132 SMs: k/v outputs (N = 1024) at M ≤ 2048 get narrower tiles; 64-row tiles never warp-specialize."""
+def test_tma_tile_narrows_where_the_last_round_of_tiles_is_part_full(m, n, ws_tile, plain_tile):
+    """On 132 SMs: a narrower tile serves where the default one fills its last round of tiles below 90 %."""
     meta = mod._tma_meta(m, n, True, 132)
-    assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["WARP_SPECIALIZE"]) == static
+    assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["WARP_SPECIALIZE"]) == (*ws_tile, True)
     meta = mod._tma_meta(m, n, False, 132)
-    assert (meta["BLOCK_M"], meta["BLOCK_N"]) == dynamic and not meta["WARP_SPECIALIZE"]
+    assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["WARP_SPECIALIZE"]) == (*plain_tile, False)
 
 
 @pytest.mark.skipif(not CUDA, reason="real-size tiles: GPU only (too slow for the interpreter)")
