@@ -34,7 +34,7 @@ from hf_outliertune import OutlierTuneConfig  # noqa: E402
 from hf_outliertune.adadim import quantize_rtn  # noqa: E402
 from hf_outliertune.architectures import decoder_layers, resolve_arch  # noqa: E402
 from hf_outliertune.embeddings import quantize_embeddings  # noqa: E402
-from hf_outliertune.fusion import fuse_norm_quant  # noqa: E402
+from hf_outliertune.fusion import fuse_activation_quant  # noqa: E402
 from hf_outliertune.modules import OutlierTuneLinear  # noqa: E402
 from hf_outliertune.quant_math import quantize_weight, weight_scales_absmax  # noqa: E402
 from hf_outliertune.quantizer import OutlierTuneHfQuantizer  # noqa: E402
@@ -81,7 +81,7 @@ def to_random_w8a8(model: torch.nn.Module) -> OutlierTuneConfig:
     model.config.quantization_config = config
     model.hf_quantizer = OutlierTuneHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
-    fuse_norm_quant(model)
+    fuse_activation_quant(model)
     return config
 
 

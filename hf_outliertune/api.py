@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .config import OutlierTuneConfig, check_calibration_device
-from .fusion import fuse_norm_quant
+from .fusion import fuse_activation_quant
 from .offload import resolve_device
 from .quantizer import OutlierTuneHfQuantizer, apply_quantization
 
@@ -35,7 +35,7 @@ def quantize(
     if tokenizer is not None:
         config.tokenizer = tokenizer
     apply_quantization(model, config)
-    fuse_norm_quant(model)
+    fuse_activation_quant(model)
     quantizer = OutlierTuneHfQuantizer(config, pre_quantized=False)
     model.config.quantization_config = config
     model.hf_quantizer = quantizer

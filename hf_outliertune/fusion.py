@@ -1,14 +1,18 @@
-"""Fuse each static-path norm with its readers' activation quantizer (inference only).
+"""Fuse activation quantizers into the kernels that produce their inputs (inference only).
 
-After OutlierTune folding, a norm's output is already the grid-domain input of every linear reading it
-(q/k/v after `input_layernorm`, gate/up after `post_attention_layernorm`): each reader only rounds and
-clamps it. Unfused, the norm writes a bf16 tensor that each reader reads back and quantizes. Fused, the
-norm computes its statistics, scales, shifts, rounds and writes int8 codes in one kernel, and the readers
-consume the codes directly.
+- Norms. After OutlierTune folding, a norm's output is already the grid-domain input of every linear reading
+  it (q/k/v after `input_layernorm`, gate/up after `post_attention_layernorm`): each reader only rounds and
+  clamps it. Unfused, the norm writes a bf16 tensor that each reader reads back and quantizes. Fused, the
+  norm computes its statistics, scales, shifts, rounds and writes int8 codes in one kernel, and the readers
+  consume the codes directly.
+- Gated MLPs (SiLU: Llama, Mistral, Qwen). Unfused, silu(gate) · up is written in the model dtype (two
+  elementwise passes in eager mode) and the dynamic `down_proj` reads it back to rotate and quantize it.
+  Fused, one kernel reads gate and up, forms the product in fp32 and emits down_proj's codes and steps.
 
-The fused forward replaces the norm instance's `forward` (the pattern accelerate's hooks use), so module
+A fused forward replaces the module instance's `forward` (the pattern accelerate's hooks use), so module
 names, parameters and checkpoints are unchanged. With autograd enabled (training) it falls back to the
-original float forward, so gradients reach the norm and LoRA layers see float inputs.
+original float forward, so gradients reach the norm and LoRA layers see float inputs; a fused MLP whose
+down_proj has since been wrapped (a LoRA adapter) also takes the original forward.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import torch
 import torch.nn as nn
 
 from .architectures import ARCHITECTURES, decoder_layers
-from .kernels import norm_quant
+from .kernels import norm_quant, silu_mul_per_token_quant
 from .modules import OutlierTuneLinear
+
+_GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass
@@ -75,6 +81,53 @@ def _shared_offset(readers: list[OutlierTuneLinear]) -> bool:
     return True
 
 
+@dataclass
+class _MlpFusion:
+    """What the fused gated-MLP forward needs (a plain object: no submodule is registered)."""
+
+    original_forward: types.MethodType
+
+
+def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    fusion: _MlpFusion = self._outliertune_fusion
+    down = self.down_proj
+    if torch.is_grad_enabled() or type(down) is not OutlierTuneLinear:
+        return fusion.original_forward(x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    width = gate.shape[-1]
+    codes, steps = silu_mul_per_token_quant(
+        gate.reshape(-1, width), up.reshape(-1, width), down.act_bits, down.hadamard_block)
+    return down.matmul_codes(codes, steps, gate.dtype).reshape(*gate.shape[:-1], down.out_features)
+
+
+def _is_silu(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
+def fuse_activation_quant(model: nn.Module) -> int:
+    """Fuse every norm with its static readers' quantizer and every SiLU-gated MLP with its dynamic down_proj's
+    quantizer; return how many modules were fused."""
+    return fuse_norm_quant(model) + fuse_gated_mlp_quant(model)
+
+
+def fuse_gated_mlp_quant(model: nn.Module) -> int:
+    """Fuse silu(gate) · up into the dynamic down_proj's quantizer in each block that has one; return how many."""
+    spec = ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if spec is None or not set(_GATED_MLP) <= set(spec.all_linears):
+        return 0
+    fused = 0
+    for layer in decoder_layers(model, spec):
+        mlp = layer.get_submodule("mlp")
+        down = mlp.get_submodule("down_proj")
+        if type(down) is not OutlierTuneLinear or down.act_mode != "dynamic" or not _is_silu(
+                getattr(mlp, "act_fn", None)) or hasattr(mlp, "_outliertune_fusion"):
+            continue
+        mlp._outliertune_fusion = _MlpFusion(mlp.forward)
+        mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+        fused += 1
+    return fused
+
+
 def fuse_norm_quant(model: nn.Module) -> int:
     """Fuse every norm whose readers are all static `OutlierTuneLinear`s; return how many were fused."""
     spec = ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
@@ -96,8 +149,8 @@ def fuse_norm_quant(model: nn.Module) -> int:
     return fused
 
 
-def unfuse_norm_quant(model: nn.Module) -> int:
-    """Restore the original forward of every fused norm; return how many were restored."""
+def unfuse_activation_quant(model: nn.Module) -> int:
+    """Restore the original forward of every fused norm and MLP; return how many were restored."""
     restored = 0
     for module in model.modules():
         fusion = module.__dict__.pop("_outliertune_fusion", None)

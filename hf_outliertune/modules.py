@@ -108,8 +108,12 @@ class OutlierTuneLinear(KeepsStorageDtypes):
         lead = x.shape[:-1]
         out_dtype = self.compute_dtype_anchor.dtype if x.dtype == torch.int8 else x.dtype
         codes, a_scale = self.quantize_input(x.reshape(-1, self.in_features))
-        y = int8_matmul(codes, self.weight, self.weight_scale, a_scale, self.bias, out_dtype=out_dtype)
-        return y.reshape(*lead, self.out_features)
+        return self.matmul_codes(codes, a_scale, out_dtype).reshape(*lead, self.out_features)
+
+    def matmul_codes(self, codes: torch.Tensor, a_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """The layer's output `(tokens, out)` for activation codes `(tokens, in)` quantized the way
+        `quantize_input` does (a fused producer hands them over directly)."""
+        return int8_matmul(codes, self.weight, self.weight_scale, a_scale, self.bias, out_dtype=out_dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight this layer applies to its (grid-domain, possibly rotated) input: codes × per-row step."""

@@ -26,7 +26,7 @@ from .embeddings import (
     quantize_embeddings,
     untie,
 )
-from .fusion import fuse_norm_quant
+from .fusion import fuse_activation_quant
 from .hub import attach
 from .modules import ACT_MODES, OutlierTuneLinear
 from .offload import check_materialized, resolve_device
@@ -66,7 +66,7 @@ class OutlierTuneHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         if not self.pre_quantized:
             apply_quantization(model, self.quantization_config)
-        fuse_norm_quant(model)
+        fuse_activation_quant(model)
         attach(model)  # save_pretrained / push_to_hub write complete repositories (hub.py)
 
     def is_serializable(self) -> bool:

@@ -11,6 +11,8 @@ Three entry points, each with its pure-PyTorch reference (the specification and 
   rotation of each row (x · blockdiag(H_B, …)). The rotation runs in the kernel as two small
   matmuls, H_B = H_B1 ⊗ H_B2, so it costs O(K·(B1+B2)) per row instead of O(K·B); for a few rows
   (decode) it is split over (row, block) programs in two kernels, so the blocks run in parallel.
+- `silu_mul_per_token_quant`: the same for a gated MLP's down projection, whose input silu(gate) · up
+  is computed in fp32 where the kernel loads it, so it is never written out in the model dtype.
 
 Rounding is round-half-to-even everywhere (as `torch.round`); the kernels emulate it with floor so
 they also run under TRITON_INTERPRET=1, where `libdevice.rint` is unavailable.
@@ -106,6 +108,18 @@ def per_token_quant_reference(
     return _round_clamp(xf / step[:, None], bits), step
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's hidden activation silu(gate) · up, in fp32."""
+    return torch.nn.functional.silu(gate.float()) * up.float()
+
+
+def silu_mul_per_token_quant_reference(
+    gate: torch.Tensor, up: torch.Tensor, bits: int, hadamard_block: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_token_quant_reference` of silu(gate) · up, the product taken in fp32 (not rounded to the model dtype)."""
+    return per_token_quant_reference(silu_mul(gate, up), bits, hadamard_block)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
@@ -165,64 +179,66 @@ def _static_quant_kernel(
 
 
 def _per_token_quant_kernel(
-    x_ptr, out_ptr, step_ptr, K, stride_xm, stride_om, QMAX, TINY_STEP,
-    BLOCK_K: tl.constexpr,
+    x_ptr, up_ptr, out_ptr, step_ptr, K, stride_xm, stride_um, stride_om, QMAX, TINY_STEP,
+    BLOCK_K: tl.constexpr, GATED: tl.constexpr,
 ):
-    """One program per row: absmax pass, then quantize with step = absmax / QMAX."""
+    """One program per row: absmax pass, then quantize with step = absmax / QMAX (GATED: of silu(x) · up)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
+    up_row = up_ptr + row * stride_um
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        x = _load_input(x_row + offs, up_row + offs, offs < K, GATED)
         amax = tl.maximum(amax, tl.abs(x))
     step = tl.maximum(tl.max(amax, axis=0) / QMAX, TINY_STEP)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
-        y = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / step
+        y = _load_input(x_row + offs, up_row + offs, mask, GATED) / step
         tl.store(out_ptr + row * stride_om + offs, _codes(y, QMAX), mask=mask)
     tl.store(step_ptr + row, step)
 
 
 def _hadamard_per_token_quant_kernel(
-    x_ptr, out_ptr, step_ptr, K, stride_xm, stride_om, QMAX, TINY_STEP, NORM,
-    B1: tl.constexpr, B2: tl.constexpr, LOG_B1: tl.constexpr, LOG_B2: tl.constexpr,
+    x_ptr, up_ptr, out_ptr, step_ptr, K, stride_xm, stride_um, stride_om, QMAX, TINY_STEP, NORM,
+    B1: tl.constexpr, B2: tl.constexpr, LOG_B1: tl.constexpr, LOG_B2: tl.constexpr, GATED: tl.constexpr,
 ):
     """One program per row. Each block of B1·B2 channels, viewed as a (B1, B2) tile X, rotates to
     H_B1 · X · H_B2 (the Sylvester H_B = H_B1 ⊗ H_B2, unnormalized ±1 entries, then × NORM).
     Pass 1 finds the row's absmax of the rotated values; pass 2 recomputes them and quantizes. The dots run
     in TF32 on the GPU: the first stage is exact for bf16/fp16 inputs (±1 entries; fp32 inputs are rounded), the
     second rounds its fp32 input to a 10-bit mantissa (2^-11 relative; on H100 the step of an fp32 row moved by
-    up to 9e-4 relative to the exact rotation's)."""
+    up to 9e-4 relative to the exact rotation's). GATED: the rows are silu(x) · up."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
+    up_row = up_ptr + row * stride_um
     h1 = _sylvester(B1, LOG_B1)
     h2 = _sylvester(B2, LOG_B2)
     tile = tl.arange(0, B1)[:, None] * B2 + tl.arange(0, B2)[None, :]
     amax = tl.zeros((B1, B2), dtype=tl.float32)
     for k0 in range(0, K, B1 * B2):
-        x = tl.load(x_row + k0 + tile).to(tl.float32)
+        x = _load_input(x_row + k0 + tile, up_row + k0 + tile, None, GATED)
         y = tl.dot(h1, tl.dot(x, h2))
         amax = tl.maximum(amax, tl.abs(y))
     step = tl.maximum(tl.max(tl.max(amax, axis=1), axis=0) * NORM / QMAX, TINY_STEP)
     for k0 in range(0, K, B1 * B2):
-        x = tl.load(x_row + k0 + tile).to(tl.float32)
+        x = _load_input(x_row + k0 + tile, up_row + k0 + tile, None, GATED)
         y = tl.dot(h1, tl.dot(x, h2)) * NORM / step
         tl.store(out_ptr + row * stride_om + k0 + tile, _codes(y, QMAX))
     tl.store(step_ptr + row, step)
 
 
 def _hadamard_blocks_kernel(
-    x_ptr, y_ptr, amax_ptr, stride_xm, stride_ym, stride_am,
-    B1: tl.constexpr, B2: tl.constexpr, LOG_B1: tl.constexpr, LOG_B2: tl.constexpr,
+    x_ptr, up_ptr, y_ptr, amax_ptr, stride_xm, stride_um, stride_ym, stride_am,
+    B1: tl.constexpr, B2: tl.constexpr, LOG_B1: tl.constexpr, LOG_B2: tl.constexpr, GATED: tl.constexpr,
 ):
     """Split path (few rows), stage 1. Program (row, block) rotates one block as the one-program kernel does,
     stores it (unnormalized, fp32) and its absmax."""
     row = tl.program_id(0).to(tl.int64)
     k0 = tl.program_id(1) * (B1 * B2)
     tile = tl.arange(0, B1)[:, None] * B2 + tl.arange(0, B2)[None, :]
-    x = tl.load(x_ptr + row * stride_xm + k0 + tile).to(tl.float32)
+    x = _load_input(x_ptr + row * stride_xm + k0 + tile, up_ptr + row * stride_um + k0 + tile, None, GATED)
     y = tl.dot(_sylvester(B1, LOG_B1), tl.dot(x, _sylvester(B2, LOG_B2)))
     tl.store(y_ptr + row * stride_ym + k0 + tile, y)
     tl.store(amax_ptr + row * stride_am + tl.program_id(1), tl.max(tl.max(tl.abs(y), axis=1), axis=0))
@@ -244,6 +260,20 @@ def _quant_blocks_kernel(
     tl.store(out_ptr + row * stride_om + offs, _codes(y, QMAX))
     if blk == 0:
         tl.store(step_ptr + row, step)
+
+
+def _load_input_impl(x_ptrs, up_ptrs, mask, GATED: tl.constexpr):
+    """The quantizer's input in fp32: x, or for GATED silu(x) · up (a gated MLP's hidden activation).
+    `mask` None: whole tiles, loaded unmasked."""
+    if mask is None:
+        x = tl.load(x_ptrs).to(tl.float32)
+        if GATED:
+            x = x * tl.sigmoid(x) * tl.load(up_ptrs).to(tl.float32)
+    else:
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            x = x * tl.sigmoid(x) * tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return x
 
 
 def _codes_impl(y, QMAX):
@@ -273,7 +303,7 @@ def _jit(kernel_name: str, interpret: bool):
 @functools.cache
 def _jit_helpers(interpret: bool) -> None:
     """Jit the helpers the kernels call (in the same mode) and bind them to the names the kernels use."""
-    for name in ("_codes", "_sylvester"):
+    for name in ("_codes", "_sylvester", "_load_input"):
         globals()[name] = triton.jit(globals()[f"{name}_impl"])
 
 
@@ -333,10 +363,15 @@ def hadamard_factors(block: int) -> tuple[int, int] | None:
 
 
 def per_token_quant_triton(
-    x: torch.Tensor, bits: int, hadamard_block: int = 1
+    x: torch.Tensor, bits: int, hadamard_block: int = 1, up: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_token_quant_reference` as one Triton kernel per call (the rotation fused when B ≥ 256)."""
+    """`per_token_quant_reference` as one Triton kernel per call (the rotation fused when B ≥ 256); with `up`,
+    `silu_mul_per_token_quant_reference(x, up, ...)`, the product formed where the kernel loads its input."""
     _check_2d(x)
+    if up is not None:
+        _check_2d(up)
+        if up.shape != x.shape:
+            raise ValueError(f"gate {tuple(x.shape)} and up {tuple(up.shape)} differ in shape")
     m, k = x.shape
     out = torch.empty((m, k), dtype=torch.int8, device=x.device)
     step = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -345,13 +380,14 @@ def per_token_quant_triton(
     if hadamard_block > 1:
         factors = hadamard_factors(hadamard_block)
         if factors is None:  # too small for tl.dot tiles: rotate with torch, then quantize in the kernel
-            x = block_hadamard(x, hadamard_block)
+            x, up = block_hadamard(x if up is None else silu_mul(x, up), hadamard_block), None
         else:
-            _hadamard_per_token_quant(x, out, step, bits, hadamard_block, factors)
+            _hadamard_per_token_quant(x, up, out, step, bits, hadamard_block, factors)
             return out, step
     block = _row_block(k)
     _jit("_per_token_quant_kernel", _interpret_mode())[(m,)](
-        x, out, step, k, x.stride(0), out.stride(0), float(qmax(bits)), TINY, BLOCK_K=block, num_warps=_warps(block),
+        x, x if up is None else up, out, step, k, x.stride(0), 0 if up is None else up.stride(0), out.stride(0),
+        float(qmax(bits)), TINY, BLOCK_K=block, GATED=up is not None, num_warps=_warps(block),
     )
     return out, step
 
@@ -359,23 +395,26 @@ def per_token_quant_triton(
 SPLIT_HADAMARD_MAX_M = 64  # up to this many rows the rotation runs one program per (row, block), in two kernels
 
 
-def _hadamard_per_token_quant(x, out, step, bits: int, block: int, factors: tuple[int, int]) -> None:
-    """The rotated per-token quantization into `out` and `step`. Many rows: one program per row, two passes
-    over its blocks. Few rows (decode), where that would leave most SMs idle: one program per (row, block)
-    rotates into an fp32 scratch and records block absmaxes, then a second kernel quantizes each block."""
+def _hadamard_per_token_quant(x, up, out, step, bits: int, block: int, factors: tuple[int, int]) -> None:
+    """The rotated per-token quantization (of silu(x) · up when `up` is given) into `out` and `step`. Many rows:
+    one program per row, two passes over its blocks. Few rows (decode), where that would leave most SMs idle: one
+    program per (row, block) rotates into an fp32 scratch and records block absmaxes, then a second kernel
+    quantizes each block."""
     (m, k), (b1, b2) = x.shape, factors
-    rotation = dict(B1=b1, B2=b2, LOG_B1=int(math.log2(b1)), LOG_B2=int(math.log2(b2)))
+    rotation = dict(B1=b1, B2=b2, LOG_B1=int(math.log2(b1)), LOG_B2=int(math.log2(b2)), GATED=up is not None)
+    up, stride_um = (x, 0) if up is None else (up, up.stride(0))
     num_warps = 1 if _interpret_mode() else 4
     scalars = (float(qmax(bits)), TINY, 1.0 / math.sqrt(block))
     if m > SPLIT_HADAMARD_MAX_M:
         _jit("_hadamard_per_token_quant_kernel", _interpret_mode())[(m,)](
-            x, out, step, k, x.stride(0), out.stride(0), *scalars, **rotation, num_warps=num_warps)
+            x, up, out, step, k, x.stride(0), stride_um, out.stride(0), *scalars, **rotation, num_warps=num_warps)
         return
     nblocks = k // block
     rotated = torch.empty((m, k), dtype=torch.float32, device=x.device)
     amax = torch.empty((m, nblocks), dtype=torch.float32, device=x.device)
     _jit("_hadamard_blocks_kernel", _interpret_mode())[(m, nblocks)](
-        x, rotated, amax, x.stride(0), rotated.stride(0), amax.stride(0), **rotation, num_warps=num_warps)
+        x, up, rotated, amax, x.stride(0), stride_um, rotated.stride(0), amax.stride(0), **rotation,
+        num_warps=num_warps)
     _jit("_quant_blocks_kernel", _interpret_mode())[(m, nblocks)](
         rotated, amax, out, step, nblocks, rotated.stride(0), amax.stride(0), out.stride(0), *scalars,
         BLOCK=block, NBLOCKS_P2=triton.next_power_of_2(nblocks), num_warps=num_warps)
@@ -415,6 +454,17 @@ def per_token_quant(x: torch.Tensor, bits: int, hadamard_block: int = 1) -> tupl
     return per_token_quant_reference(x, bits, hadamard_block)
 
 
+def silu_mul_per_token_quant(
+    gate: torch.Tensor, up: torch.Tensor, bits: int, hadamard_block: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 codes and per-token steps of silu(gate) · up (see `silu_mul_per_token_quant_reference`)."""
+    if uses_triton(gate):
+        if through_custom_op(gate):
+            return torch.ops.hf_outliertune.silu_mul_per_token_quant(gate, up, bits, hadamard_block)
+        return per_token_quant_triton(gate, bits, hadamard_block, up=up)
+    return silu_mul_per_token_quant_reference(gate, up, bits, hadamard_block)
+
+
 @torch.library.custom_op(
     "hf_outliertune::norm_quant",
     mutates_args=(),
@@ -452,3 +502,17 @@ def _per_token_quant_op(x, bits, hadamard_block):
 @_per_token_quant_op.register_fake
 def _(x, bits, hadamard_block):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "hf_outliertune::silu_mul_per_token_quant",
+    mutates_args=(),
+    schema="(Tensor gate, Tensor up, int bits, int hadamard_block) -> (Tensor, Tensor)",
+)
+def _silu_mul_per_token_quant_op(gate, up, bits, hadamard_block):
+    return per_token_quant_triton(gate, bits, hadamard_block, up=up)
+
+
+@_silu_mul_per_token_quant_op.register_fake
+def _(gate, up, bits, hadamard_block):
+    return gate.new_empty(gate.shape, dtype=torch.int8), gate.new_empty(gate.shape[:1], dtype=torch.float32)

@@ -109,12 +109,16 @@ def cases():
     yield ("static quant", aq._jit("_static_quant_kernel", False), {"x_ptr": "bf16", "off_ptr": "fp32", "out_ptr": "i8"},
            ("QMAX",), dict(HAS_OFFSET=True, BLOCK_K=1024), 4)
     yield ("per-token quant", aq._jit("_per_token_quant_kernel", False),
-           {"x_ptr": "bf16", "out_ptr": "i8", "step_ptr": "fp32"}, ("QMAX", "TINY_STEP"), dict(BLOCK_K=16384), 8)
-    yield ("per-token quant + Hadamard", aq._jit("_hadamard_per_token_quant_kernel", False),
-           {"x_ptr": "bf16", "out_ptr": "i8", "step_ptr": "fp32"}, ("QMAX", "TINY_STEP", "NORM"),
-           dict(B1=32, B2=64, LOG_B1=5, LOG_B2=6), 4)
+           {"x_ptr": "bf16", "up_ptr": "bf16", "out_ptr": "i8", "step_ptr": "fp32"}, ("QMAX", "TINY_STEP"),
+           dict(BLOCK_K=16384, GATED=False), 8)
+    for gated in (False, True):
+        yield (f"per-token quant + Hadamard{' of silu(gate)·up' if gated else ''}",
+               aq._jit("_hadamard_per_token_quant_kernel", False),
+               {"x_ptr": "bf16", "up_ptr": "bf16", "out_ptr": "i8", "step_ptr": "fp32"}, ("QMAX", "TINY_STEP", "NORM"),
+               dict(B1=32, B2=64, LOG_B1=5, LOG_B2=6, GATED=gated), 4)
     yield ("Hadamard blocks (split path)", aq._jit("_hadamard_blocks_kernel", False),
-           {"x_ptr": "bf16", "y_ptr": "fp32", "amax_ptr": "fp32"}, (), dict(B1=64, B2=32, LOG_B1=6, LOG_B2=5), 4)
+           {"x_ptr": "bf16", "up_ptr": "bf16", "y_ptr": "fp32", "amax_ptr": "fp32"}, (),
+           dict(B1=64, B2=32, LOG_B1=6, LOG_B2=5, GATED=True), 4)
     yield ("quant blocks (split path)", aq._jit("_quant_blocks_kernel", False),
            {"y_ptr": "fp32", "amax_ptr": "fp32", "out_ptr": "i8", "step_ptr": "fp32"}, ("QMAX", "TINY_STEP", "NORM"),
            dict(BLOCK=2048, NBLOCKS_P2=8), 4)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_outliertune import OutlierTuneLinear
-from hf_outliertune.fusion import fuse_norm_quant, unfuse_norm_quant
+from hf_outliertune.fusion import fuse_activation_quant, fuse_gated_mlp_quant, unfuse_activation_quant
 
 from conftest import logits_of, rel_err, small_config
 
@@ -32,16 +32,44 @@ def quantized_models(tiny_dir):
 def test_fused_norms_emit_codes_and_match_unfused_logits(arch, quantized_models, eval_ids):
     model = quantized_models(arch)
     fused_logits = logits_of(model, eval_ids)
-    norms = [m for m in model.modules() if "_outliertune_fusion" in m.__dict__]
+    fused = [m for m in model.modules() if "_outliertune_fusion" in m.__dict__]
+    norms = [m for m in fused if "Norm" in type(m).__name__]
+    mlps = [m for m in fused if "MLP" in type(m).__name__]
     assert len(norms) == 2 * model.config.num_hidden_layers  # every attention and MLP input norm
+    # SiLU-gated MLPs fuse their down_proj's quantizer; Gemma's GELU gate and OPT's ungated MLP do not
+    assert len(mlps) == (model.config.num_hidden_layers if arch == "llama" else 0)
+    assert len(fused) == len(norms) + len(mlps)
     with torch.no_grad():
         out = norms[0](torch.randn(2, 5, model.config.hidden_size))
     assert out.dtype == torch.int8
-    assert unfuse_norm_quant(model) == len(norms)
+    assert unfuse_activation_quant(model) == len(fused)
     unfused_logits = logits_of(model, eval_ids)
-    assert fuse_norm_quant(model) == len(norms)
-    # fused: norm and shift in fp32 straight to codes; unfused: the norm's float output, then round. Same math.
+    assert fuse_activation_quant(model) == len(fused)
+    # fused: norm and shift in fp32 straight to codes, silu(gate) · up in fp32; unfused: the float outputs (fp32
+    # here), then round. Same math.
     assert rel_err(unfused_logits, fused_logits) < 1e-5
+
+
+def test_fused_mlp_falls_back_where_it_cannot_serve(quantized_models, eval_ids):
+    """With autograd on, or once down_proj is wrapped (a LoRA adapter), the MLP runs its original forward."""
+    model = quantized_models("llama")
+    mlp = model.model.layers[0].mlp
+    assert "_outliertune_fusion" in mlp.__dict__ and fuse_gated_mlp_quant(model) == 0  # already fused: no-op
+    x = torch.randn(2, 3, model.config.hidden_size)
+    with torch.no_grad():
+        fused = mlp(x)
+        original = mlp._outliertune_fusion.original_forward(x)
+    assert rel_err(original, fused) < 1e-5
+    down = mlp.down_proj
+    calls = []
+    mlp.down_proj = torch.nn.Sequential(down)  # any wrapper: not an OutlierTuneLinear
+    mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            assert rel_err(original, mlp(x)) < 1e-5
+        assert calls == [1]  # the wrapper ran: the original forward served
+    finally:
+        mlp.down_proj = down
 
 
 def test_fusion_skips_norms_with_float_readers(tiny_dir):
