@@ -353,12 +353,12 @@ def int8_matmul_triton(
 
 
 def _tiled_meta(m: int, n: int) -> dict:
-    """The pre-tuned tiled-kernel config for M (narrow tiles for decode-sized M on narrow layers), split over K
-    where `_TILED_SPLIT_K` says so (its M range and smallest N)."""
+    """The pre-tuned tiled-kernel config for M (narrow tiles for decode-sized M on narrow layers), or the one
+    `_TILED_BY_WIDTH` gives for M's range and the output width N (possibly split over K)."""
     table = _TILED_PRETUNED_NARROW if (m <= 16 and n <= 4096) else _TILED_PRETUNED
     meta = _pretuned_meta(table, m)
-    for (lo, hi, n_min), (bm, bn, bk, warps, stages, split) in _TILED_SPLIT_K.items():
-        if lo <= m <= hi and n >= n_min:
+    for (lo, hi, n_min, n_max), (bm, bn, bk, warps, stages, split) in _TILED_BY_WIDTH.items():
+        if lo <= m <= hi and n_min <= n <= n_max:
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
                     "num_stages": stages, "SPLIT_K": split}
     return meta
@@ -405,11 +405,17 @@ _TILED_PRETUNED = {
     1024: (128, 256, 128, 8, 3),
 }
 _TILED_PRETUNED_NARROW = {1: (16, 16, 512, 4, 4)}  # N ≤ 4096 at decode sizes: more programs than SMs
-# Split-K tiles by (smallest M, largest M, smallest N): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K).
-# At M = 33-64 on wide outputs one 64-row tile split in two along K reads each weight byte once: 4096×14336 at
-# M = 64 went from 1.13x to 1.82x bf16 and 4096×6144 from 1.43x to 1.52x on an H100; on N ≤ 4096 it lost
-# (docs/gemm_int8_split_k_h100.json).
-_TILED_SPLIT_K: dict[tuple[int, int, int], tuple] = {(33, 64, 6144): (64, 64, 256, 4, 3, 2)}
+# Tiles by (smallest M, largest M, smallest N, largest N): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K).
+# At M = 33-64 one 64-row tile reads each weight byte once (16-row tiles re-read it from L2 four times). Swept on an
+# H100 at M = 64 with per-token scales (docs/gemm_int8_m64_tiles_h100.json; bf16 in the same run):
+# N = 4096: 64×32 with 5 stages, 4096×4096 1.33x → 1.61x and 14336×4096 1.54x → 1.84x; N = 6144: 64×64 unsplit,
+# 1.53x → 1.70x; N = 14336: 64×64 split in two along K stays the best (1.78x; 1.13x unsplit with 16 rows,
+# docs/gemm_int8_split_k_h100.json).
+_TILED_BY_WIDTH: dict[tuple[int, int, int, int], tuple] = {
+    (33, 64, 4096, 6143): (64, 32, 256, 4, 5, 1),
+    (33, 64, 6144, 14335): (64, 64, 256, 4, 4, 1),
+    (33, 64, 14336, 2**31): (64, 64, 256, 4, 3, 2),
+}
 _TMA_PRETUNED = {1: (128, 128, 128, 4, 4), 1024: (256, 128, 128, 8, 3)}
 # Warp-specialized tiles serve 2-byte outputs, static and per-token inputs alike. 128×256×128 with 4 warps per
 # consumer group was the fastest of 13 tiles at M = 2048 on all four shapes (`docs/int8_tma_warp_specialize_h100.json`)

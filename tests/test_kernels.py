@@ -139,10 +139,14 @@ def test_split_k_is_exact_and_leaves_its_workspace_zeroed(m, k, n, split):
     torch.testing.assert_close(whole, int8_matmul_reference(*args), **FP32_TOL)
 
 
-def test_split_k_serves_wide_outputs_at_medium_m():
-    assert mod._tiled_meta(64, 14336).get("SPLIT_K") == 2 and mod._tiled_meta(40, 6144).get("SPLIT_K") == 2
-    for m, n in ((64, 4096), (16, 14336), (65, 14336), (2048, 14336)):
+def test_medium_m_tiles_by_output_width():
+    """M = 33-64: one 64-row tile; split over K only on the widest outputs (4096×14336 at M = 64 on an H100)."""
+    assert mod._tiled_meta(64, 14336).get("SPLIT_K") == 2 and mod._tiled_meta(40, 28672).get("SPLIT_K") == 2
+    assert (mod._tiled_meta(64, 4096)["BLOCK_M"], mod._tiled_meta(64, 4096)["BLOCK_N"]) == (64, 32)
+    assert (mod._tiled_meta(33, 6144)["BLOCK_M"], mod._tiled_meta(33, 6144)["BLOCK_N"]) == (64, 64)
+    for m, n in ((64, 4096), (40, 6144), (16, 14336), (65, 14336), (2048, 14336), (64, 1024)):
         assert mod._tiled_meta(m, n).get("SPLIT_K", 1) == 1
+    assert mod._tiled_meta(64, 1024)["BLOCK_M"] == 16  # k/v keeps the 16-row tiles (not swept)
 
 
 def test_split_k_workspace_does_not_grow_during_graph_capture(monkeypatch):
