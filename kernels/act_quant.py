@@ -377,17 +377,18 @@ def per_token_quant_triton(
     step = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return out, step
-    if hadamard_block > 1:
-        factors = hadamard_factors(hadamard_block)
-        if factors is None:  # too small for tl.dot tiles: rotate with torch, then quantize in the kernel
-            x, up = block_hadamard(x if up is None else silu_mul(x, up), hadamard_block), None
-        else:
-            _hadamard_per_token_quant(x, up, out, step, bits, hadamard_block, factors)
-            return out, step
+    factors = hadamard_factors(hadamard_block) if hadamard_block > 1 else None
+    if hadamard_block > 1 and factors is None:  # too small for tl.dot tiles: rotate with torch, quantize in the kernel
+        x, up = block_hadamard(x if up is None else silu_mul(x, up), hadamard_block), None
+    gated = up is not None
+    up, stride_um = (up, up.stride(0)) if gated else (x, 0)  # ungated: x stands in, never read
+    if factors is not None:
+        _hadamard_per_token_quant(x, up, stride_um, gated, out, step, bits, hadamard_block, factors)
+        return out, step
     block = _row_block(k)
     _jit("_per_token_quant_kernel", _interpret_mode())[(m,)](
-        x, x if up is None else up, out, step, k, x.stride(0), 0 if up is None else up.stride(0), out.stride(0),
-        float(qmax(bits)), TINY, BLOCK_K=block, GATED=up is not None, num_warps=_warps(block),
+        x, up, out, step, k, x.stride(0), stride_um, out.stride(0), float(qmax(bits)), TINY, BLOCK_K=block,
+        GATED=gated, num_warps=_warps(block),
     )
     return out, step
 
@@ -395,14 +396,15 @@ def per_token_quant_triton(
 SPLIT_HADAMARD_MAX_M = 64  # up to this many rows the rotation runs one program per (row, block), in two kernels
 
 
-def _hadamard_per_token_quant(x, up, out, step, bits: int, block: int, factors: tuple[int, int]) -> None:
-    """The rotated per-token quantization (of silu(x) · up when `up` is given) into `out` and `step`. Many rows:
+def _hadamard_per_token_quant(
+    x, up, stride_um: int, gated: bool, out, step, bits: int, block: int, factors: tuple[int, int]
+) -> None:
+    """The rotated per-token quantization (of silu(x) · up when `gated`) into `out` and `step`. Many rows:
     one program per row, two passes over its blocks. Few rows (decode), where that would leave most SMs idle: one
     program per (row, block) rotates into an fp32 scratch and records block absmaxes, then a second kernel
     quantizes each block."""
     (m, k), (b1, b2) = x.shape, factors
-    rotation = dict(B1=b1, B2=b2, LOG_B1=int(math.log2(b1)), LOG_B2=int(math.log2(b2)), GATED=up is not None)
-    up, stride_um = (x, 0) if up is None else (up, up.stride(0))
+    rotation = dict(B1=b1, B2=b2, LOG_B1=int(math.log2(b1)), LOG_B2=int(math.log2(b2)), GATED=gated)
     num_warps = 1 if _interpret_mode() else 4
     scalars = (float(qmax(bits)), TINY, 1.0 / math.sqrt(block))
     if m > SPLIT_HADAMARD_MAX_M:

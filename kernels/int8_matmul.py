@@ -357,10 +357,9 @@ def _tiled_meta(m: int, n: int) -> dict:
     `_TILED_BY_WIDTH` gives for M's range and the output width N (possibly split over K)."""
     table = _TILED_PRETUNED_NARROW if (m <= 16 and n <= 4096) else _TILED_PRETUNED
     meta = _pretuned_meta(table, m)
-    for (lo, hi, n_min, n_max), (bm, bn, bk, warps, stages, split) in _TILED_BY_WIDTH.items():
+    for (lo, hi, n_min, n_max), tile in _TILED_BY_WIDTH.items():
         if lo <= m <= hi and n_min <= n <= n_max:
-            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
-                    "num_stages": stages, "SPLIT_K": split}
+            meta = _tile_meta(*tile)
     return meta
 
 
@@ -436,10 +435,15 @@ def autotune_enabled() -> bool:
     return _interpret_mode() or os.environ.get("HF_OUTLIERTUNE_AUTOTUNE") == "1"
 
 
+def _tile_meta(bm: int, bn: int, bk: int, warps: int, stages: int, split: int | None = None) -> dict:
+    """Launch meta-parameters of one tile tuple (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K])."""
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    return meta if split is None else {**meta, "SPLIT_K": split}
+
+
 def _pretuned_meta(table: dict[int, tuple], m: int) -> dict:
-    key = max(b for b in table if b <= max(m, 1))
-    bm, bn, bk, warps, stages = table[key]
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    """The tile of `table` (keyed on the smallest M it serves) for M."""
+    return _tile_meta(*table[max(b for b in table if b <= max(m, 1))])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -745,7 +749,7 @@ def _tma_meta(m: int, n: int, warp_specialize: bool, num_sms: int) -> dict:
 
     meta = _pretuned_meta(_TMA_PRETUNED_WS if warp_specialize else _TMA_PRETUNED, m)
     for narrower in (_TMA_NARROW[warp_specialize], _TMA_NARROWEST):
-        candidate = _pretuned_meta({1: narrower}, m)
+        candidate = _tile_meta(*narrower)
         if filled(meta) < _TMA_MIN_FILL and filled(candidate) > filled(meta):
             meta = candidate
     return {**meta, "WARP_SPECIALIZE": warp_specialize}
